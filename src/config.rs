@@ -1,0 +1,351 @@
+//! The validated configuration: what the engine and each device run with. Built from the
+//! command line (`cli.rs`) or from a TOML file with one `[[device]]` table per device.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cpuset::{CpuSet, CpuSetError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    CpuSet(#[from] CpuSetError),
+    #[error("invalid size {0:?}: expected a positive number with an optional K, M, G or T suffix")]
+    Size(String),
+    #[error("{what} must be a multiple of {align} bytes, got {size}")]
+    Unaligned {
+        what: &'static str,
+        size: u64,
+        align: u64,
+    },
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    #[error("device {0}: exactly one backend is required (--blk-file, --ram or --null)")]
+    Backend(String),
+    #[error("device {0}: a socket path or --fd is required")]
+    Socket(String),
+    #[error("--logical-block-size must be 512 or 4096, got {0}")]
+    BlockSize(u32),
+    #[error("--num-queues must be between 1 and {max}, got {got}")]
+    NumQueues { got: u16, max: u16 },
+    #[error("--serial is at most 20 bytes, got {0}")]
+    Serial(usize),
+    #[error("cannot read config file {path}: {err}")]
+    ReadFile { path: PathBuf, err: std::io::Error },
+    #[error("config file {path}: {err}")]
+    Toml { path: PathBuf, err: toml::de::Error },
+    #[error("config file {0} has no [[device]] table")]
+    NoDevice(PathBuf),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The largest queue count a device offers; each queue is a virtqueue of one frontend.
+pub const MAX_QUEUES: u16 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollMode {
+    /// Never sleep: lowest latency, one busy core per reactor.
+    Poll,
+    /// Poll while there is work, sleep on eventfds after `idle_spin` without any.
+    Adaptive,
+    /// Sleep as soon as a loop iteration finds no work.
+    Interrupt,
+}
+
+impl std::str::FromStr for PollMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "poll" => Ok(PollMode::Poll),
+            "adaptive" => Ok(PollMode::Adaptive),
+            "interrupt" => Ok(PollMode::Interrupt),
+            _ => Err(format!(
+                "poll mode must be poll, adaptive or interrupt, got {s:?}"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendSpec {
+    Null { size: u64 },
+    Ram { size: u64 },
+    File { path: PathBuf, buffered: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketSpec {
+    Path(PathBuf),
+    /// An already listening socket inherited from the parent (QEMU's `--fd`).
+    Fd(i32),
+}
+
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    pub name: String,
+    pub socket: SocketSpec,
+    pub backend: BackendSpec,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub serial: String,
+    pub logical_block_size: u32,
+    /// Reactors this device's queues may run on; `None` means the engine's mask.
+    pub cpumask: Option<CpuSet>,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub cpumask: CpuSet,
+    pub poll_mode: PollMode,
+    pub idle_spin: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub engine: EngineConfig,
+    pub devices: Vec<DeviceConfig>,
+}
+
+pub const DEFAULT_IDLE_SPIN_US: u64 = 50;
+
+/// Parses `512`, `64K`, `512M`, `1G`, `2T` (binary units, optional `iB`/`B`).
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size(text.to_string());
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(err()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| err())?;
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+impl DeviceConfig {
+    /// Checks what can be checked without touching the system; opening files and sockets
+    /// happens when the device is created.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.logical_block_size != 512 && self.logical_block_size != 4096 {
+            return Err(ConfigError::BlockSize(self.logical_block_size));
+        }
+        if self.num_queues == 0 || self.num_queues > MAX_QUEUES {
+            return Err(ConfigError::NumQueues {
+                got: self.num_queues,
+                max: MAX_QUEUES,
+            });
+        }
+        if self.serial.len() > 20 {
+            return Err(ConfigError::Serial(self.serial.len()));
+        }
+        match self.backend {
+            BackendSpec::Null { size } | BackendSpec::Ram { size } => {
+                if size == 0 {
+                    return Err(ConfigError::Zero("disk size"));
+                }
+                let align = u64::from(self.logical_block_size);
+                if size % align != 0 {
+                    return Err(ConfigError::Unaligned {
+                        what: "disk size",
+                        size,
+                        align,
+                    });
+                }
+            }
+            BackendSpec::File { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// One `[[device]]` table of the config file: the same names as the command line flags.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct DeviceTable {
+    name: Option<String>,
+    socket_path: Option<PathBuf>,
+    fd: Option<i32>,
+    blk_file: Option<PathBuf>,
+    ram: Option<SizeValue>,
+    null: Option<SizeValue>,
+    #[serde(default)]
+    buffered: bool,
+    #[serde(default)]
+    read_only: bool,
+    num_queues: Option<u16>,
+    serial: Option<String>,
+    logical_block_size: Option<u32>,
+    cpumask: Option<String>,
+}
+
+/// Sizes may be written as `"64M"` or as a plain number of bytes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64, ConfigError> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(t) => parse_size(t),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTables {
+    #[serde(default)]
+    device: Vec<DeviceTable>,
+}
+
+/// Reads the devices of a config file.
+pub fn load_devices(path: &Path) -> Result<Vec<DeviceConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    let tables: FileTables = toml::from_str(&text).map_err(|err| ConfigError::Toml {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    if tables.device.is_empty() {
+        return Err(ConfigError::NoDevice(path.to_path_buf()));
+    }
+    tables
+        .device
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let name = t.name.clone().unwrap_or_else(|| format!("dev{i}"));
+            let backend = backend_from(
+                &name,
+                t.blk_file,
+                t.ram.as_ref().map(SizeValue::bytes).transpose()?,
+                t.null.as_ref().map(SizeValue::bytes).transpose()?,
+                t.buffered,
+            )?;
+            let socket = socket_from(&name, t.socket_path, t.fd)?;
+            let dev = DeviceConfig {
+                name,
+                socket,
+                backend,
+                read_only: t.read_only,
+                num_queues: t.num_queues.unwrap_or(1),
+                serial: t.serial.unwrap_or_default(),
+                logical_block_size: t.logical_block_size.unwrap_or(512),
+                cpumask: t.cpumask.as_deref().map(CpuSet::parse).transpose()?,
+            };
+            dev.validate()?;
+            Ok(dev)
+        })
+        .collect()
+}
+
+/// Exactly one backend, as QEMU's vhost-user backends require exactly one image.
+pub fn backend_from(
+    name: &str,
+    file: Option<PathBuf>,
+    ram: Option<u64>,
+    null: Option<u64>,
+    buffered: bool,
+) -> Result<BackendSpec, ConfigError> {
+    match (file, ram, null) {
+        (Some(path), None, None) => Ok(BackendSpec::File { path, buffered }),
+        (None, Some(size), None) => Ok(BackendSpec::Ram { size }),
+        (None, None, Some(size)) => Ok(BackendSpec::Null { size }),
+        _ => Err(ConfigError::Backend(name.to_string())),
+    }
+}
+
+pub fn socket_from(
+    name: &str,
+    path: Option<PathBuf>,
+    fd: Option<i32>,
+) -> Result<SocketSpec, ConfigError> {
+    match (path, fd) {
+        (Some(p), None) => Ok(SocketSpec::Path(p)),
+        (None, Some(fd)) => Ok(SocketSpec::Fd(fd)),
+        _ => Err(ConfigError::Socket(name.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2t").unwrap(), 2 << 40);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn config_file_devices() {
+        let dir = std::env::temp_dir().join(format!("vubd-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [[device]]
+            socket-path = "/tmp/a.sock"
+            ram = "64M"
+            num-queues = 2
+            cpumask = "0x1"
+            [[device]]
+            name = "zero"
+            socket-path = "/tmp/b.sock"
+            null = 1048576
+            read-only = true
+            "#,
+        )
+        .unwrap();
+        let devs = load_devices(&path).unwrap();
+        assert_eq!(devs.len(), 2);
+        assert_eq!(devs[0].backend, BackendSpec::Ram { size: 64 << 20 });
+        assert_eq!(devs[0].num_queues, 2);
+        assert_eq!(devs[0].cpumask.as_ref().unwrap().cpus(), &[0]);
+        assert_eq!(devs[1].name, "zero");
+        assert!(devs[1].read_only);
+
+        std::fs::write(
+            &path,
+            "[[device]]\nsocket-path = \"/x\"\nram = \"1M\"\nnull = \"1M\"\n",
+        )
+        .unwrap();
+        assert!(matches!(load_devices(&path), Err(ConfigError::Backend(_))));
+        std::fs::write(
+            &path,
+            "[[device]]\nsocket-path = \"/x\"\nram = \"1M\"\nbogus = 1\n",
+        )
+        .unwrap();
+        assert!(matches!(load_devices(&path), Err(ConfigError::Toml { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

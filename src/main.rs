@@ -1,0 +1,28 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use vubd::cli::{Args, CAPABILITIES_JSON};
+use vubd::config::Config;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    if args.print_capabilities {
+        println!("{CAPABILITIES_JSON}");
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vubd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match vubd::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vubd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! What the frontend told us about one virtqueue, kept on the control thread.
+
+use std::fs::File;
+
+#[derive(Default)]
+pub struct Vring {
+    pub size: u16,
+    /// Frontend virtual addresses of the descriptor table, avail ring and used ring.
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub addr_set: bool,
+    /// SET_VRING_BASE, or where GET_VRING_BASE left the ring.
+    pub base: u16,
+    /// `Some(None)`: SET_VRING_KICK arrived without an fd (the frontend polls instead).
+    pub kick: Option<Option<File>>,
+    pub call: Option<File>,
+    pub enabled: bool,
+    /// Running on a reactor.
+    pub started: bool,
+}
