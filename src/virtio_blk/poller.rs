@@ -477,3 +477,168 @@ fn iovec_error(e: IovecError) -> &'static str {
         IovecError::TooMany => "too many data segments",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendSpec, DeviceConfig, SocketSpec};
+    use crate::virtio_blk::request::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn disk(backend: BackendSpec) -> Arc<Disk> {
+        Arc::new(
+            Disk::open(&DeviceConfig {
+                name: "t".into(),
+                socket: SocketSpec::Fd(-1),
+                backend,
+                read_only: false,
+                num_queues: 1,
+                serial: "serial-1".into(),
+                logical_block_size: 512,
+                cpumask: None,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn poller(
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        mem: &Arc<GuestMemoryMmap>,
+        disk: Arc<Disk>,
+    ) -> QueuePoller {
+        QueuePoller::new(QueueStart {
+            key: QueueKey {
+                device: 0,
+                queue: 0,
+            },
+            queue: vq.create_queue().unwrap(),
+            mem: Arc::clone(mem),
+            disk,
+            serial: *b"serial-1\0\0\0\0\0\0\0\0\0\0\0\0",
+            kick: None,
+            call: None,
+        })
+    }
+
+    /// A 3-descriptor request at table index `first` with its header at `hdr`.
+    fn chain(
+        mem: &GuestMemoryMmap,
+        first: u16,
+        kind: u32,
+        sector: u64,
+        buf: u64,
+    ) -> [RawDescriptor; 3] {
+        let hdr = 0x10_0000 + u64::from(first) * 0x100;
+        mem.write_obj(kind, GuestAddress(hdr)).unwrap();
+        mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
+        let data_flags = if kind == VIRTIO_BLK_T_IN { W } else { 0 };
+        [
+            RawDescriptor::from(SplitDescriptor::new(hdr, 16, 1, first + 1)),
+            RawDescriptor::from(SplitDescriptor::new(buf, 512, data_flags | 1, first + 2)),
+            RawDescriptor::from(SplitDescriptor::new(hdr + 0x80, 1, W, 0)),
+        ]
+    }
+
+    fn status(mem: &GuestMemoryMmap, first: u16) -> u8 {
+        mem.read_obj(GuestAddress(0x10_0000 + u64::from(first) * 0x100 + 0x80))
+            .unwrap()
+    }
+
+    #[test]
+    fn ram_pass_writes_then_reads_back_and_fills_used_ring() {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let mut p = poller(&vq, &mem, disk(BackendSpec::Ram { size: 1 << 20 }));
+        let mut ring = Uring::new().unwrap();
+        mem.write_slice(&[0xab; 512], GuestAddress(0x20_0000))
+            .unwrap();
+        let mut descs = chain(&mem, 0, VIRTIO_BLK_T_OUT, 4, 0x20_0000).to_vec();
+        descs.extend(chain(&mem, 3, VIRTIO_BLK_T_IN, 4, 0x21_0000));
+        vq.add_desc_chains(&descs, 0).unwrap();
+        assert_eq!(p.poll(0, &mut ring), 2);
+        assert_eq!((status(&mem, 0), status(&mem, 3)), (S_OK, S_OK));
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0x21_0000)).unwrap();
+        assert_eq!(back, [0xab; 512]);
+        assert_eq!(vq.used().idx().load(), 2);
+        let read_elem = vq.used().ring().ref_at(1).unwrap().load();
+        assert_eq!((read_elem.id(), read_elem.len()), (3, 513));
+        assert_eq!(p.stats.requests, 2);
+    }
+
+    #[test]
+    fn avail_index_jump_breaks_only_this_queue() {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let mut p = poller(&vq, &mem, disk(BackendSpec::Null { size: 1 << 20 }));
+        let mut ring = Uring::new().unwrap();
+        vq.avail().idx().store(17);
+        assert_eq!(p.poll(0, &mut ring), 0);
+        assert!(p.broken);
+        vq.avail().idx().store(1);
+        assert_eq!(p.poll(0, &mut ring), 0, "a broken queue stays stopped");
+        assert_eq!(vq.used().idx().load(), 0);
+    }
+
+    #[test]
+    fn head_reused_while_in_flight_breaks_the_queue() {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let backend = BackendSpec::File {
+            path: file.path().into(),
+            buffered: true,
+        };
+        let mut p = poller(&vq, &mem, disk(backend));
+        let mut ring = Uring::new().unwrap();
+        vq.add_desc_chains(&chain(&mem, 0, VIRTIO_BLK_T_IN, 0, 0x20_0000), 0)
+            .unwrap();
+        assert_eq!(p.poll(0, &mut ring), 1);
+        assert_eq!(p.in_flight(), 1);
+        // The driver offers head 0 again before the device has used it.
+        vq.add_desc_chains(&chain(&mem, 0, VIRTIO_BLK_T_IN, 0, 0x20_0000), 0)
+            .unwrap();
+        p.poll(0, &mut ring);
+        assert!(p.broken);
+        // The first request still completes normally.
+        ring.submit().unwrap();
+        let mut done = 0;
+        for _ in 0..1000 {
+            done += ring.reap(|ud, res| p.complete(split_user_data(ud).1, res));
+            if done == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(done, 1);
+        assert_eq!(status(&mem, 0), S_OK);
+        assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn get_id_returns_the_serial() {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let mut p = poller(&vq, &mem, disk(BackendSpec::Null { size: 1 << 20 }));
+        let mut ring = Uring::new().unwrap();
+        let mut d = chain(
+            &mem,
+            0,
+            crate::virtio_blk::request::VIRTIO_BLK_T_GET_ID,
+            0,
+            0x20_0000,
+        );
+        d[1] = RawDescriptor::from(SplitDescriptor::new(0x20_0000, 20, W | 1, 2));
+        vq.add_desc_chains(&d, 0).unwrap();
+        assert_eq!(p.poll(0, &mut ring), 1);
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(&id[..8], b"serial-1");
+        assert_eq!(status(&mem, 0), S_OK);
+    }
+}

@@ -118,7 +118,7 @@ impl Request {
             let start = sector
                 .checked_mul(SECTOR_SIZE)
                 .ok_or((S_IOERR, "sector overflows"))?;
-            if start % lbs != 0 || bytes % lbs != 0 {
+            if !start.is_multiple_of(lbs) || !bytes.is_multiple_of(lbs) {
                 return Err((S_IOERR, "not aligned to the logical block size"));
             }
             let end = start
@@ -335,5 +335,320 @@ fn read_front(mem: &GuestMemoryMmap, ranges: &[GuestRange], out: &mut [u8]) -> R
         Ok(())
     } else {
         Err(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendSpec, DeviceConfig, SocketSpec};
+    use virtio_bindings::bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const N: u16 = VRING_DESC_F_NEXT as u16;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        mem.write_obj(kind, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+    }
+
+    fn parse(mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> (Result<(), ParseError>, Request) {
+        let vq = MockSplitQueue::new(mem, 16);
+        let chain = vq.build_desc_chain(descs).unwrap();
+        let mut req = Request::default();
+        let r = Parser::default().parse(chain, mem, &mut req);
+        (r, req)
+    }
+
+    fn disk(read_only: bool, lbs: u32) -> Disk {
+        Disk::open(&DeviceConfig {
+            name: "t".into(),
+            socket: SocketSpec::Fd(-1),
+            backend: BackendSpec::Null { size: 1 << 20 },
+            read_only,
+            num_queues: 1,
+            serial: String::new(),
+            logical_block_size: lbs,
+            cpumask: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn read_with_two_data_segments() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        let (r, req) = parse(
+            &m,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, W),
+                desc(DATA + 4096, 1024, W),
+                desc(STATUS, 1, W),
+            ],
+        );
+        r.unwrap();
+        assert_eq!(req.kind(), RequestType::In);
+        assert_eq!(req.sector(), 8);
+        assert_eq!(req.data_len(), 1536);
+        assert_eq!(req.data().len(), 2);
+        assert_eq!(req.status_addr(), GuestAddress(STATUS));
+        assert!(req.check(&disk(false, 512)).is_ok());
+    }
+
+    #[test]
+    fn write_with_header_and_data_in_one_descriptor_and_status_in_data() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        // Header and data share one readable buffer; status is the last byte of a writable one.
+        let (r, req) = parse(&m, &[desc(HDR, 16 + 512, 0), desc(STATUS, 4, W)]);
+        r.unwrap();
+        assert_eq!(req.kind(), RequestType::Out);
+        assert_eq!(
+            req.data(),
+            &[GuestRange {
+                addr: GuestAddress(HDR + 16),
+                len: 512
+            }]
+        );
+        assert_eq!(req.status_addr(), GuestAddress(STATUS + 3));
+    }
+
+    #[test]
+    fn discard_segment_is_read() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        m.write_obj(16u64, GuestAddress(DATA)).unwrap();
+        m.write_obj(8u32, GuestAddress(DATA + 8)).unwrap();
+        m.write_obj(0u32, GuestAddress(DATA + 12)).unwrap();
+        let (r, req) = parse(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)],
+        );
+        r.unwrap();
+        assert_eq!(
+            req.segment(),
+            Segment {
+                sector: 16,
+                num_sectors: 8,
+                flags: 0
+            }
+        );
+        assert!(req.check(&disk(false, 512)).is_ok());
+        assert_eq!(req.check(&disk(true, 512)).unwrap_err().0, S_IOERR);
+    }
+
+    #[test]
+    fn read_only_status_descriptor_is_fatal() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let (r, _) = parse(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, 0)],
+        );
+        assert!(matches!(r, Err(ParseError::Fatal(_))));
+        let (r, _) = parse(&m, &[desc(HDR, 16, 0), desc(STATUS, 1, 0)]);
+        assert!(matches!(r, Err(ParseError::Fatal(_))));
+    }
+
+    #[test]
+    fn zero_length_status_is_fatal() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let (r, _) = parse(&m, &[desc(HDR, 16, 0), desc(STATUS, 0, W)]);
+        assert!(matches!(r, Err(ParseError::Fatal(_))));
+    }
+
+    #[test]
+    fn write_only_header_fails_with_ioerr() {
+        let m = mem();
+        let (r, _) = parse(&m, &[desc(HDR, 16, W), desc(STATUS, 1, W)]);
+        assert_eq!(
+            r,
+            Err(ParseError::Status(
+                S_IOERR,
+                "header missing or outside guest memory"
+            ))
+        );
+    }
+
+    #[test]
+    fn readable_after_writable_fails_with_ioerr() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let (r, _) = parse(
+            &m,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, W),
+                desc(DATA, 512, 0),
+                desc(STATUS, 1, W),
+            ],
+        );
+        assert!(matches!(r, Err(ParseError::Status(S_IOERR, _))), "{r:?}");
+    }
+
+    #[test]
+    fn header_outside_memory_fails_with_ioerr() {
+        let m = mem();
+        let (r, _) = parse(&m, &[desc(0x1000_0000, 16, 0), desc(STATUS, 1, W)]);
+        assert!(matches!(r, Err(ParseError::Status(S_IOERR, _))));
+    }
+
+    #[test]
+    fn status_outside_memory_is_fatal() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let (r, _) = parse(&m, &[desc(HDR, 16, 0), desc(0x1000_0000, 1, W)]);
+        assert_eq!(
+            r,
+            Err(ParseError::Fatal("status byte outside guest memory"))
+        );
+        let (r, _) = parse(&m, &[desc(HDR, 16, 0), desc(u64::MAX, 2, W)]);
+        assert!(matches!(r, Err(ParseError::Fatal(_))));
+    }
+
+    #[test]
+    fn descriptor_loop_is_fatal() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let vq = MockSplitQueue::new(&m, 16);
+        // 0 -> 1 -> 0 -> ...: the walker stops after queue-size descriptors.
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, N, 1)),
+            RawDescriptor::from(SplitDescriptor::new(DATA, 512, N | W, 0)),
+        ];
+        let chain = vq.build_multiple_desc_chains(&descs).unwrap();
+        let r = Parser::default().parse(chain, &m, &mut Request::default());
+        assert!(matches!(r, Err(ParseError::Fatal(_))), "{r:?}");
+    }
+
+    #[test]
+    fn next_index_beyond_table_is_fatal() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let vq = MockSplitQueue::new(&m, 16);
+        let descs = [RawDescriptor::from(SplitDescriptor::new(HDR, 16, N, 200))];
+        let chain = vq.build_multiple_desc_chains(&descs).unwrap();
+        let r = Parser::default().parse(chain, &m, &mut Request::default());
+        assert!(matches!(r, Err(ParseError::Fatal(_))));
+    }
+
+    #[test]
+    fn nested_indirect_table_is_fatal() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let table = GuestAddress(0x38_0000);
+        let inner = RawDescriptor::from(SplitDescriptor::new(
+            0x39_0000,
+            32,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ));
+        m.write_obj(inner, table).unwrap();
+        let vq = MockSplitQueue::new(&m, 16);
+        let descs = [RawDescriptor::from(SplitDescriptor::new(
+            table.0,
+            16,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ))];
+        let chain = vq.build_multiple_desc_chains(&descs).unwrap();
+        let r = Parser::default().parse(chain, &m, &mut Request::default());
+        assert!(matches!(r, Err(ParseError::Fatal(_))), "{r:?}");
+    }
+
+    #[test]
+    fn indirect_table_is_followed() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 2);
+        let table = GuestAddress(0x38_0000);
+        let entries = [
+            SplitDescriptor::new(HDR, 16, N, 1),
+            SplitDescriptor::new(DATA, 4096, N | W, 2),
+            SplitDescriptor::new(STATUS, 1, W, 0),
+        ];
+        for (i, e) in entries.iter().enumerate() {
+            m.write_obj(RawDescriptor::from(*e), table.unchecked_add(16 * i as u64))
+                .unwrap();
+        }
+        let vq = MockSplitQueue::new(&m, 16);
+        let descs = [RawDescriptor::from(SplitDescriptor::new(
+            table.0,
+            48,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ))];
+        let chain = vq.build_multiple_desc_chains(&descs).unwrap();
+        let mut req = Request::default();
+        Parser::default().parse(chain, &m, &mut req).unwrap();
+        assert_eq!(
+            (req.kind(), req.sector(), req.data_len()),
+            (RequestType::In, 2, 4096)
+        );
+    }
+
+    #[test]
+    fn range_and_alignment_checks() {
+        let m = mem();
+        let d = disk(false, 512);
+        let cap = d.capacity_sectors();
+        header(&m, VIRTIO_BLK_T_IN, cap - 1);
+        let (r, req) = parse(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)],
+        );
+        r.unwrap();
+        assert_eq!(req.check(&d), Err((S_IOERR, "beyond the end of the disk")));
+        header(&m, VIRTIO_BLK_T_IN, u64::MAX / 2);
+        let (_, req) = parse(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+        );
+        assert_eq!(req.check(&d), Err((S_IOERR, "sector overflows")));
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let (_, req) = parse(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 100, W), desc(STATUS, 1, W)],
+        );
+        assert_eq!(req.check(&d).unwrap_err().0, S_IOERR);
+        let (_, req) = parse(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+        );
+        assert_eq!(
+            req.check(&disk(false, 4096)).unwrap_err().0,
+            S_IOERR,
+            "512 B on a 4K disk"
+        );
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let (_, req) = parse(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+        );
+        assert_eq!(
+            req.check(&disk(true, 512)),
+            Err((S_IOERR, "write to a read-only disk"))
+        );
+        header(&m, 77, 0);
+        let (_, req) = parse(&m, &[desc(HDR, 16, 0), desc(STATUS, 1, W)]);
+        assert_eq!(req.kind(), RequestType::Unsupported(77));
+        assert_eq!(req.check(&d).unwrap_err().0, S_UNSUPP);
     }
 }
