@@ -515,7 +515,7 @@ mod tests {
                 device: 0,
                 queue: 0,
             },
-            queue: vq.create_queue().unwrap(),
+            queue: crate::virtio_blk::mock::queue(vq, 16),
             mem: Arc::clone(mem),
             disk,
             serial: *b"serial-1\0\0\0\0\0\0\0\0\0\0\0\0",
@@ -564,9 +564,12 @@ mod tests {
         let mut back = [0u8; 512];
         mem.read_slice(&mut back, GuestAddress(0x21_0000)).unwrap();
         assert_eq!(back, [0xab; 512]);
-        assert_eq!(vq.used().idx().load(), 2);
-        let read_elem = vq.used().ring().ref_at(1).unwrap().load();
-        assert_eq!((read_elem.id(), read_elem.len()), (3, 513));
+        let used = crate::virtio_blk::mock::USED_RING;
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 2);
+        // used ring element 1: (id u32, len u32) after flags and idx.
+        let id: u32 = mem.read_obj(GuestAddress(used + 4 + 8)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(used + 4 + 12)).unwrap();
+        assert_eq!((id, len), (3, 513));
         assert_eq!(p.stats.requests, 2);
     }
 
@@ -581,7 +584,11 @@ mod tests {
         assert!(p.broken);
         vq.avail().idx().store(1);
         assert_eq!(p.poll(0, &mut ring), 0, "a broken queue stays stopped");
-        assert_eq!(vq.used().idx().load(), 0);
+        assert_eq!(
+            mem.read_obj::<u16>(GuestAddress(crate::virtio_blk::mock::USED_RING + 2))
+                .unwrap(),
+            0
+        );
     }
 
     #[test]
