@@ -6,6 +6,13 @@ use vubd::config::Config;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // A panicking reactor would leave its queues hanging while the process looks alive:
+    // exit instead, so a supervisor restarts the server.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
     let args = Args::parse();
     if args.print_capabilities {
         println!("{CAPABILITIES_JSON}");

@@ -32,6 +32,8 @@ struct InFlight {
     expect: u64,
     /// Bytes written into device-writable buffers on success, status byte included.
     used_len: u32,
+    /// A discard: only a hint, so a backend that cannot deallocate still succeeds.
+    hint: bool,
     /// Keeps the guest memory the iovecs point into mapped until the CQE arrives, even if the
     /// frontend swaps its memory table meanwhile.
     mem: Option<Arc<GuestMemoryMmap>>,
@@ -289,6 +291,7 @@ impl QueuePoller {
         entry.iovecs.clear();
         entry.expect = 0;
         entry.used_len = 1;
+        entry.hint = kind == RequestType::Discard;
         let sqe = match kind {
             RequestType::In | RequestType::Out => {
                 let write_guest = kind == RequestType::In;
@@ -409,7 +412,8 @@ impl QueuePoller {
             .mem
             .take()
             .expect("in-flight request holds its memory");
-        let ok = result >= 0 && result as u64 == entry.expect;
+        let ok = (result >= 0 && result as u64 == entry.expect)
+            || (entry.hint && result == -libc::EOPNOTSUPP);
         let (status, used) = if ok {
             (S_OK, entry.used_len)
         } else {
