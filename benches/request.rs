@@ -109,6 +109,8 @@ fn queue_pass(c: &mut Criterion) {
             serial: [0; 20],
             kick: None,
             call: None,
+            inflight: None,
+            resubmit: Vec::new(),
         });
         let mut ring = Uring::new().unwrap();
         group.throughput(Throughput::Elements(u64::from(batch)));

@@ -8,6 +8,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use crate::io::Disk;
+use crate::virtio_blk::inflight::InflightQueue;
 
 /// Names one queue of one device across threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,6 +27,10 @@ pub struct QueueStart {
     pub serial: [u8; crate::virtio_blk::ID_BYTES],
     pub kick: Option<File>,
     pub call: Option<File>,
+    /// Inflight tracking, when the frontend shared a region (INFLIGHT_SHMFD).
+    pub inflight: Option<InflightQueue>,
+    /// Heads a previous backend took and never completed, oldest first.
+    pub resubmit: Vec<u16>,
 }
 
 /// The answer to `StopQueue`, sent once the queue's in-flight requests have completed.

@@ -25,6 +25,7 @@ use crate::reactor::message::{Message, QueueKey, QueueStart};
 use crate::reactor::ReactorHandle;
 use crate::virtio_blk::features::{bit, device_features, protocol_features};
 use crate::virtio_blk::features::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_RING_F_EVENT_IDX};
+use crate::virtio_blk::inflight::InflightRegion;
 use crate::virtio_blk::{config, ID_BYTES};
 
 /// Largest virtqueue accepted (QEMU's limit for vhost-user-blk).
@@ -48,6 +49,8 @@ pub struct Device {
     acked_protocol: u64,
     memory: MemoryTable,
     vrings: Vec<Vring>,
+    /// INFLIGHT_SHMFD region, kept by the frontend across restarts of vubd.
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 impl Device {
@@ -66,6 +69,7 @@ impl Device {
             acked_protocol: 0,
             memory: MemoryTable::default(),
             vrings,
+            inflight: None,
         }
     }
 
@@ -108,7 +112,33 @@ impl Device {
             ));
         }
         let mem = mem.ok_or_else(|| invalid("ring kicked before any memory was shared"))?;
-        let queue = self.build_queue(q, &mem)?;
+        let mut queue = self.build_queue(q, &mem)?;
+        let mut inflight = self
+            .inflight
+            .as_ref()
+            .and_then(|r| r.queue(q, queue.size()));
+        if self.inflight.is_some() && inflight.is_none() {
+            log::warn!(
+                "device {}: queue {q} is not covered by the inflight region",
+                self.cfg.name
+            );
+        }
+        let mut resubmit = Vec::new();
+        if let Some(t) = inflight.as_mut() {
+            // The used index in guest memory is the truth; every request taken since then and
+            // not yet used is marked in the region. Continue after all of them (as
+            // libvhost-user does): the frontend's vring base cannot know about them.
+            let used = queue.next_used();
+            resubmit = t.recover(used);
+            queue.set_next_avail(used.wrapping_add(resubmit.len() as u16));
+            if !resubmit.is_empty() {
+                log::info!(
+                    "device {}: queue {q}: resubmitting {} in-flight request(s) from before the restart",
+                    self.cfg.name,
+                    resubmit.len()
+                );
+            }
+        }
         let v = &mut self.vrings[usize::from(q)];
         let dup = |f: &File| f.try_clone().map_err(Error::ReqHandlerError);
         let kick = match v.kick.as_ref().and_then(Option::as_ref) {
@@ -128,6 +158,8 @@ impl Device {
             serial: self.serial,
             kick,
             call,
+            inflight,
+            resubmit,
         };
         self.placement(q).send(Message::AddQueue(Box::new(start)));
         Ok(())
@@ -235,6 +267,7 @@ impl Device {
             *v = Vring::default();
         }
         self.memory.clear();
+        self.inflight = None;
         self.acked_features = 0;
         self.acked_protocol = 0;
         self.disk.set_writeback(true);

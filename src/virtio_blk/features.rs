@@ -45,10 +45,12 @@ pub fn device_features(read_only: bool) -> u64 {
 }
 
 /// vhost-user protocol features. Never STATUS: the vhost crate has no handler for it.
-/// REPLY_ACK is added by the crate itself.
+/// REPLY_ACK is added by the crate itself. INFLIGHT_SHMFD lets a frontend that reconnects to a
+/// restarted vubd have its in-flight requests resubmitted.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }

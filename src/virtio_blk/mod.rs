@@ -11,5 +11,7 @@ pub const S_UNSUPP: u8 = 2;
 
 /// Bytes of the GET_ID answer (VIRTIO_BLK_ID_BYTES).
 pub const ID_BYTES: usize = 20;
+pub mod chain;
+pub mod inflight;
 pub mod mock;
 pub mod poller;

@@ -11,6 +11,8 @@ use io_uring::{opcode, types};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::chain::Chain;
+use super::inflight::InflightQueue;
 use super::request::{
     ParseError, Parser, Request, RequestType, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
@@ -65,6 +67,9 @@ pub struct QueuePoller {
     stopping: Option<crossbeam_channel::Sender<QueueStopped>>,
     pub stats: QueueStats,
     log_limit: RateLimit,
+    inflight: Option<InflightQueue>,
+    /// Heads to resubmit after a restart, last one first.
+    resubmit: Vec<u16>,
 }
 
 /// io_uring user data: the reactor's slot of the queue and the head index.
@@ -97,6 +102,8 @@ impl QueuePoller {
             stopping: None,
             stats: QueueStats::default(),
             log_limit: RateLimit::new(),
+            inflight: start.inflight,
+            resubmit: start.resubmit.into_iter().rev().collect(),
         }
     }
 
@@ -191,38 +198,66 @@ impl QueuePoller {
         }
         let needs_ring = matches!(self.disk.backend, Backend::File(_));
         let mut taken = 0;
+        // Requests a previous vubd took but never completed go first, in their old order.
+        while let Some(&head) = self.resubmit.last() {
+            if needs_ring && ring.room() == 0 {
+                return taken;
+            }
+            self.resubmit.pop();
+            taken += 1;
+            if !self.take(slot, head, ring) {
+                return taken;
+            }
+        }
         for _ in 0..pending {
             if needs_ring && ring.room() == 0 {
                 break;
             }
-            let mem = &*self.mem;
-            let Some(chain) = self.queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = self.queue.pop_descriptor_chain(&*self.mem) else {
                 break;
             };
             let head = chain.head_index();
             taken += 1;
-            if usize::from(head) >= self.slots.len() {
-                self.mark_broken("head index beyond the queue size");
+            if !self.take(slot, head, ring) {
                 break;
-            }
-            if self.slots[usize::from(head)].busy {
-                self.mark_broken("head index reused while in flight");
-                break;
-            }
-            match self.parser.parse(chain, mem, &mut self.req) {
-                Ok(()) => self.execute(slot, head, ring),
-                Err(ParseError::Status(status, why)) => {
-                    self.log_bad_request(why);
-                    let addr = self.parser.status_addr().expect("status known");
-                    self.complete_inline(head, addr, status, 1);
-                }
-                Err(ParseError::Fatal(why)) => {
-                    self.mark_broken(why);
-                    break;
-                }
             }
         }
         taken
+    }
+
+    /// Parses and executes the chain at `head`. False if the queue broke.
+    fn take(&mut self, slot: usize, head: u16, ring: &mut Uring) -> bool {
+        if usize::from(head) >= self.slots.len() {
+            self.mark_broken("head index beyond the queue size");
+            return false;
+        }
+        if self.slots[usize::from(head)].busy {
+            self.mark_broken("head index reused while in flight");
+            return false;
+        }
+        if let Some(t) = self.inflight.as_mut() {
+            t.begin(head);
+        }
+        let mem = &*self.mem;
+        let chain = Chain::new(
+            mem,
+            GuestAddress(self.queue.desc_table()),
+            self.queue.size(),
+            head,
+        );
+        match self.parser.parse(chain, mem, &mut self.req) {
+            Ok(()) => self.execute(slot, head, ring),
+            Err(ParseError::Status(status, why)) => {
+                self.log_bad_request(why);
+                let addr = self.parser.status_addr().expect("status known");
+                self.complete_inline(head, addr, status, 1);
+            }
+            Err(ParseError::Fatal(why)) => {
+                self.mark_broken(why);
+                return false;
+            }
+        }
+        true
     }
 
     fn execute(&mut self, slot: usize, head: u16, ring: &mut Uring) {
@@ -392,8 +427,14 @@ impl QueuePoller {
     }
 
     fn add_used(&mut self, head: u16, used: u32) {
+        if let Some(t) = self.inflight.as_mut() {
+            t.pre_complete(head);
+        }
         if self.queue.add_used(&*self.mem, head, used).is_err() {
             self.mark_broken("used ring unwritable");
+        }
+        if let Some(t) = self.inflight.as_mut() {
+            t.end(head, self.queue.next_used());
         }
         self.needs_signal = true;
     }
@@ -525,6 +566,8 @@ mod tests {
             serial: *b"serial-1\0\0\0\0\0\0\0\0\0\0\0\0",
             kick: None,
             call: None,
+            inflight: None,
+            resubmit: Vec::new(),
         })
     }
 
