@@ -71,7 +71,7 @@ impl Iterator for Chain<'_> {
             // Nested tables and empty, ragged or oversized tables end the walk.
             if self.indirect
                 || len == 0
-                || len % DESC_SIZE as u32 != 0
+                || !len.is_multiple_of(DESC_SIZE as u32)
                 || len / 16 > u32::from(u16::MAX)
             {
                 self.done = true;

@@ -82,7 +82,11 @@ impl InflightRegion {
         let end = offset
             .checked_add(size)
             .ok_or_else(|| io::Error::other("region overflows"))?;
-        if num_queues == 0 || queue_size == 0 || size < need || end > file_len || offset % 4096 != 0
+        if num_queues == 0
+            || queue_size == 0
+            || size < need
+            || end > file_len
+            || !offset.is_multiple_of(4096)
         {
             return Err(io::Error::other(
                 "inflight region does not fit its file or its queues",
