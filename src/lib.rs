@@ -10,8 +10,11 @@ pub mod virtio_blk;
 
 use config::Config;
 use reactor::Engine;
-use vhost::control::{block_signals, listen, Control};
+use std::sync::Arc;
+
+use vhost::control::{block_signals, listen, Control, MESSAGE_TIMEOUT};
 use vhost::device::Device;
+use vhost::watchdog::Watchdog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -43,7 +46,8 @@ pub fn run(config: Config) -> Result<(), RunError> {
     }
     let signals = block_signals()?;
     let engine = Engine::start(&config.engine)?;
-    let mut control = Control::new(signals)?;
+    let watchdog = Arc::new(Watchdog::start(MESSAGE_TIMEOUT)?);
+    let mut control = Control::new(signals, Arc::clone(&watchdog))?;
     for (id, (dev, disk, listener, path)) in opened.into_iter().enumerate() {
         let mask = dev
             .cpumask
@@ -68,7 +72,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
             path.as_ref()
                 .map_or_else(|| format!("{:?}", dev.socket), |p| p.display().to_string())
         );
-        let device = Device::new(id as u32, dev, disk, reactors);
+        let device = Device::new(id as u32, dev, disk, reactors, Arc::clone(&watchdog));
         control.add_device(listener, path, device)?;
     }
     let result = control.run();

@@ -14,11 +14,13 @@ use std::time::Duration;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use super::device::Device;
+use super::watchdog::Watchdog;
 use crate::config::SocketSpec;
 
-/// A frontend that stops mid-message for this long is disconnected, so a stalled or hostile
-/// frontend cannot hold the control thread (and every other device) hostage.
-const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A frontend whose message takes longer than this to arrive (or whose reply it does not
+/// read) is disconnected, so a stalled or hostile frontend cannot hold the control thread
+/// (and every other device) hostage. Handling includes draining rings, bounded separately.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const TOKEN_SIGNAL: u64 = u64::MAX;
 
@@ -40,6 +42,7 @@ pub struct Control {
     epoll: File,
     signals: File,
     slots: Vec<Slot>,
+    watchdog: Arc<Watchdog>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +135,7 @@ pub fn block_signals() -> io::Result<File> {
 }
 
 impl Control {
-    pub fn new(signals: File) -> io::Result<Control> {
+    pub fn new(signals: File, watchdog: Arc<Watchdog>) -> io::Result<Control> {
         // SAFETY: plain syscall; the fd is checked, then owned by the File.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -150,6 +153,7 @@ impl Control {
             epoll,
             signals,
             slots: Vec::new(),
+            watchdog,
         })
     }
 
@@ -221,11 +225,7 @@ impl Control {
                 return;
             }
         };
-        let setup = || -> io::Result<UnixStream> {
-            stream.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
-            stream.try_clone()
-        };
-        let sock = match setup() {
+        let sock = match stream.try_clone() {
             Ok(sock) => sock,
             Err(e) => {
                 log::warn!("cannot set up connection: {e}");
@@ -264,8 +264,16 @@ impl Control {
         let Some(conn) = self.slots[i].conn.as_mut() else {
             return;
         };
-        match conn.handler.handle_request() {
+        let handler = &mut conn.handler;
+        let (result, timed_out) = self.watchdog.guard(&conn.sock, || handler.handle_request());
+        match result {
             Ok(()) => {}
+            Err(_) if timed_out => {
+                log::warn!(
+                    "frontend stalled mid-message for {MESSAGE_TIMEOUT:?}; disconnecting it"
+                );
+                self.disconnect(i, None)
+            }
             Err(VhostError::Disconnected) => self.disconnect(i, None),
             Err(e) => self.disconnect(i, Some(e)),
         }

@@ -19,6 +19,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::vring::Vring;
+use super::watchdog::Watchdog;
 use crate::config::DeviceConfig;
 use crate::io::Disk;
 use crate::reactor::message::{Message, QueueKey, QueueStart};
@@ -51,10 +52,18 @@ pub struct Device {
     vrings: Vec<Vring>,
     /// INFLIGHT_SHMFD region, kept by the frontend across restarts of vubd.
     inflight: Option<Arc<InflightRegion>>,
+    /// Paused while we wait for reactors, so only the frontend's own stalls count.
+    watchdog: Arc<Watchdog>,
 }
 
 impl Device {
-    pub fn new(id: u32, cfg: DeviceConfig, disk: Disk, reactors: Vec<ReactorHandle>) -> Device {
+    pub fn new(
+        id: u32,
+        cfg: DeviceConfig,
+        disk: Disk,
+        reactors: Vec<ReactorHandle>,
+        watchdog: Arc<Watchdog>,
+    ) -> Device {
         let mut serial = [0u8; ID_BYTES];
         let n = cfg.serial.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
@@ -70,6 +79,7 @@ impl Device {
             memory: MemoryTable::default(),
             vrings,
             inflight: None,
+            watchdog,
         }
     }
 
@@ -214,7 +224,7 @@ impl Device {
             .send(Message::StopQueue { key, reply: tx });
         let v = &mut self.vrings[usize::from(q)];
         v.started = false;
-        match rx.recv_timeout(STOP_TIMEOUT) {
+        match self.watchdog.paused(|| rx.recv_timeout(STOP_TIMEOUT)) {
             Ok(stopped) => v.base = stopped.next_avail,
             Err(_) => log::error!(
                 "device {}: queue {q} did not drain within {STOP_TIMEOUT:?}",
@@ -254,9 +264,11 @@ impl Device {
             });
             waits.push(rx);
         }
-        for rx in waits {
-            let _ = rx.recv_timeout(STOP_TIMEOUT);
-        }
+        self.watchdog.paused(|| {
+            for rx in waits {
+                let _ = rx.recv_timeout(STOP_TIMEOUT);
+            }
+        });
     }
 
     /// The frontend went away (or reset the device): stop every ring and forget everything
@@ -457,15 +469,39 @@ impl VhostUserBackendReqHandlerMut for Device {
         Err(invalid("GET_SHARED_OBJECT is not supported"))
     }
 
-    fn get_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-    ) -> Result<(VhostUserInflight, File)> {
-        Err(invalid("INFLIGHT_SHMFD was not offered"))
+    fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        if msg.num_queues > self.cfg.num_queues || msg.queue_size > MAX_QUEUE_SIZE {
+            return Err(invalid(
+                "GET_INFLIGHT_FD for more queues or entries than offered",
+            ));
+        }
+        let region = InflightRegion::create(msg.num_queues, msg.queue_size)
+            .map_err(Error::ReqHandlerError)?;
+        let file = region.file().try_clone().map_err(Error::ReqHandlerError)?;
+        let reply = VhostUserInflight::new(region.mmap_size(), 0, msg.num_queues, msg.queue_size);
+        self.inflight = Some(Arc::new(region));
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
-        Err(invalid("INFLIGHT_SHMFD was not offered"))
+    fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> Result<()> {
+        if msg.num_queues > self.cfg.num_queues || msg.queue_size > MAX_QUEUE_SIZE {
+            return Err(invalid(
+                "SET_INFLIGHT_FD for more queues or entries than offered",
+            ));
+        }
+        let region = InflightRegion::open(
+            file,
+            msg.mmap_offset,
+            msg.mmap_size,
+            msg.num_queues,
+            msg.queue_size,
+        )
+        .map_err(|e| {
+            log::warn!("device {}: SET_INFLIGHT_FD refused: {e}", self.cfg.name);
+            Error::InvalidParam
+        })?;
+        self.inflight = Some(Arc::new(region));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> Result<u64> {

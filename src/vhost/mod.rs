@@ -4,3 +4,4 @@ pub mod control;
 pub mod device;
 pub mod memory;
 pub mod vring;
+pub mod watchdog;

@@ -42,11 +42,15 @@ pub fn build(disk: &Disk, num_queues: u16) -> [u8; CONFIG_LEN] {
     c
 }
 
+/// Size of the whole `struct virtio_blk_config` (virtio 1.2, with the secure-erase and zoned
+/// fields vubd leaves at zero). Frontends read at most this much.
+pub const CONFIG_SPACE: u32 = 96;
+
 /// The bytes `[offset, offset + size)` of the config space; zero past what vubd fills.
-/// `None` when the range leaves the 256-byte vhost-user config window.
+/// `None` when the range leaves the config space.
 pub fn read(config: &[u8; CONFIG_LEN], offset: u32, size: u32) -> Option<Vec<u8>> {
     let end = offset.checked_add(size)?;
-    if end > vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE {
+    if end > CONFIG_SPACE {
         return None;
     }
     let mut out = vec![0u8; size as usize];
