@@ -64,6 +64,7 @@ fn null_disk() -> Arc<Disk> {
         num_queues: 1,
         serial: String::new(),
         logical_block_size: 512,
+        writethrough: false,
         cpumask: None,
     };
     Arc::new(Disk::open(&cfg).unwrap())

@@ -49,6 +49,10 @@ pub struct Args {
     /// File backend: use the page cache instead of O_DIRECT.
     #[arg(long)]
     pub buffered: bool,
+    /// Start with the write cache off: every completed write is durable (the guest may
+    /// turn the cache on through CONFIG_WCE).
+    #[arg(long)]
+    pub writethrough: bool,
     /// Many devices: a TOML file with one [[device]] table per device.
     #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["socket_path", "fd", "blk_file", "ram", "null"])]
     pub config: Option<PathBuf>,
@@ -106,6 +110,7 @@ impl TryFrom<Args> for Config {
                     num_queues: a.num_queues,
                     serial: a.serial,
                     logical_block_size: a.logical_block_size,
+                    writethrough: a.writethrough,
                     cpumask: None,
                 };
                 dev.validate()?;

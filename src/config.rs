@@ -92,6 +92,8 @@ pub struct DeviceConfig {
     pub num_queues: u16,
     pub serial: String,
     pub logical_block_size: u32,
+    /// Write cache off at start (and after each reset): writes complete only when durable.
+    pub writethrough: bool,
     /// Reactors this device's queues may run on; `None` means the engine's mask.
     pub cpumask: Option<CpuSet>,
 }
@@ -186,6 +188,8 @@ struct DeviceTable {
     buffered: bool,
     #[serde(default)]
     read_only: bool,
+    #[serde(default)]
+    writethrough: bool,
     num_queues: Option<u16>,
     serial: Option<String>,
     logical_block_size: Option<u32>,
@@ -251,6 +255,7 @@ pub fn load_devices(path: &Path) -> Result<Vec<DeviceConfig>, ConfigError> {
                 num_queues: t.num_queues.unwrap_or(1),
                 serial: t.serial.unwrap_or_default(),
                 logical_block_size: t.logical_block_size.unwrap_or(512),
+                writethrough: t.writethrough,
                 cpumask: t.cpumask.as_deref().map(CpuSet::parse).transpose()?,
             };
             dev.validate()?;

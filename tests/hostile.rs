@@ -405,13 +405,7 @@ fn get_config_returns_exact_sizes_and_refuses_past_the_config_space() {
     let mut s = setup();
     let mut fe = Frontend::connect(&s.target);
     fe.handshake(0);
-    let cfg = |offset: u32, size: u32| {
-        let mut p = offset.to_le_bytes().to_vec();
-        p.extend_from_slice(&size.to_le_bytes());
-        p.extend_from_slice(&0u32.to_le_bytes());
-        p.extend(vec![0u8; size as usize]);
-        p
-    };
+    let cfg = config_request;
     let r = fe.get(GET_CONFIG, &cfg(0, 60)).unwrap();
     assert_eq!(r.payload.len(), 12 + 60);
     let capacity = u64::from_le_bytes(r.payload[12..20].try_into().unwrap());

@@ -74,7 +74,7 @@ impl Disk {
             capacity,
             logical_block_size: cfg.logical_block_size,
             read_only: cfg.read_only,
-            writeback: AtomicBool::new(true),
+            writeback: AtomicBool::new(!cfg.writethrough),
         })
     }
 

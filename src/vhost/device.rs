@@ -282,7 +282,7 @@ impl Device {
         self.inflight = None;
         self.acked_features = 0;
         self.acked_protocol = 0;
-        self.disk.set_writeback(true);
+        self.disk.set_writeback(!self.cfg.writethrough);
     }
 }
 

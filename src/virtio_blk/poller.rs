@@ -544,6 +544,7 @@ mod tests {
                 num_queues: 1,
                 serial: "serial-1".into(),
                 logical_block_size: 512,
+                writethrough: false,
                 cpumask: None,
             })
             .unwrap(),

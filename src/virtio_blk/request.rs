@@ -385,6 +385,7 @@ mod tests {
             num_queues: 1,
             serial: String::new(),
             logical_block_size: lbs,
+            writethrough: false,
             cpumask: None,
         })
         .unwrap()

@@ -43,6 +43,7 @@ const NEED_REPLY: u32 = 0x8;
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_CONFIG_WCE: u64 = 1 << 11;
 pub const PF_MQ: u64 = 1 << 0;
 pub const PF_REPLY_ACK: u64 = 1 << 3;
 pub const PF_CONFIG: u64 = 1 << 9;
@@ -321,18 +322,19 @@ impl Frontend {
 
     /// Feature and protocol negotiation as QEMU does it, with REPLY_ACK.
     pub fn handshake(&mut self, extra_protocol: u64) {
+        self.handshake_features(0, extra_protocol)
+    }
+
+    /// `handshake` acking `extra_features` virtio features too.
+    pub fn handshake_features(&mut self, extra_features: u64, extra_protocol: u64) {
         let features = self.get_u64(GET_FEATURES);
-        assert!(features & F_PROTOCOL_FEATURES != 0);
+        let acked = F_VERSION_1 | F_PROTOCOL_FEATURES | extra_features;
+        assert_eq!(features & acked, acked, "vubd offers {features:#x}");
         let proto = self.get_u64(GET_PROTOCOL_FEATURES);
         let want = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS | extra_protocol;
         assert_eq!(proto & want, want, "vubd offers {proto:#x}");
-        self.send(
-            SET_FEATURES,
-            &u64_payload(F_VERSION_1 | F_PROTOCOL_FEATURES),
-            &[],
-            false,
-        )
-        .unwrap();
+        self.send(SET_FEATURES, &u64_payload(acked), &[], false)
+            .unwrap();
         self.send(SET_PROTOCOL_FEATURES, &u64_payload(want), &[], false)
             .unwrap();
         assert!(self.ack(SET_OWNER, &[], &[]).unwrap());
@@ -489,6 +491,24 @@ impl Ring {
             u32::from_le_bytes(b[4..8].try_into().unwrap()),
         )
     }
+}
+
+/// GET_CONFIG payload asking for `size` bytes at `offset`.
+pub fn config_request(offset: u32, size: u32) -> Vec<u8> {
+    let mut p = offset.to_le_bytes().to_vec();
+    p.extend_from_slice(&size.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend(vec![0u8; size as usize]);
+    p
+}
+
+/// SET_CONFIG payload writing `bytes` at `offset` (flags: writable).
+pub fn config_write(offset: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut p = offset.to_le_bytes().to_vec();
+    p.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    p.extend_from_slice(&1u32.to_le_bytes());
+    p.extend_from_slice(bytes);
+    p
 }
 
 /// Writes a virtio-blk request header at `gpa`.
