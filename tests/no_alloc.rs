@@ -1,0 +1,157 @@
+//! The request path allocates nothing once warm: a counting global allocator watches whole
+//! queue passes (pop, parse, check, iovecs, backend, status, used ring, notification) on the
+//! null, RAM and file backends.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vubd::config::{BackendSpec, DeviceConfig, SocketSpec};
+use vubd::io::Disk;
+use vubd::reactor::message::{QueueKey, QueueStart};
+use vubd::reactor::uring::Uring;
+use vubd::virtio_blk::poller::{split_user_data, QueuePoller};
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const QSIZE: u16 = 64;
+const BATCH: u16 = 16;
+
+fn disk(backend: BackendSpec) -> Arc<Disk> {
+    Arc::new(
+        Disk::open(&DeviceConfig {
+            name: "t".into(),
+            socket: SocketSpec::Fd(-1),
+            backend,
+            read_only: false,
+            num_queues: 1,
+            serial: String::new(),
+            logical_block_size: 512,
+            writethrough: false,
+            cpumask: None,
+        })
+        .unwrap(),
+    )
+}
+
+/// Runs `rounds` passes of BATCH mixed 4 KiB reads and writes; returns allocations counted
+/// during all passes after the first (warm-up) one.
+fn allocations(backend: BackendSpec, rounds: u32) -> u64 {
+    let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap());
+    let vq = MockSplitQueue::new(&*mem, QSIZE);
+    for i in 0..BATCH {
+        let hdr = 0x10_0000 + u64::from(i) * 0x100;
+        mem.write_obj(u32::from(i % 2), GuestAddress(hdr)).unwrap(); // IN, OUT alternating
+        mem.write_obj(u64::from(i) * 8, GuestAddress(hdr + 8))
+            .unwrap();
+        let data_flags = if i % 2 == 0 { 2 } else { 0 };
+        let d = [
+            Descriptor::new(hdr, 16, 1, i * 3 + 1),
+            Descriptor::new(
+                0x80_0000 + u64::from(i) * 0x1000,
+                4096,
+                data_flags | 1,
+                i * 3 + 2,
+            ),
+            Descriptor::new(hdr + 0x80, 1, 2, 0),
+        ];
+        for (k, d) in d.iter().enumerate() {
+            vq.desc_table()
+                .store(i * 3 + k as u16, RawDescriptor::from(*d))
+                .unwrap();
+        }
+    }
+    let mut p = QueuePoller::new(QueueStart {
+        key: QueueKey {
+            device: 0,
+            queue: 0,
+        },
+        queue: vubd::virtio_blk::mock::queue(&vq, QSIZE),
+        mem: Arc::clone(&mem),
+        disk: disk(backend),
+        serial: [0; 20],
+        kick: None,
+        call: None,
+        inflight: None,
+        resubmit: Vec::new(),
+    });
+    let mut ring = Uring::new().unwrap();
+    for round in 0..rounds {
+        if round == 1 {
+            ALLOCS.store(0, Ordering::SeqCst);
+            COUNTING.store(true, Ordering::SeqCst);
+        }
+        let idx = vq.avail().idx().load();
+        for i in 0..BATCH {
+            let slot = usize::from(idx.wrapping_add(i) % QSIZE);
+            vq.avail().ring().ref_at(slot).unwrap().store(i * 3);
+        }
+        vq.avail().idx().store(idx.wrapping_add(BATCH));
+        assert_eq!(p.poll(0, &mut ring), u32::from(BATCH));
+        ring.submit().unwrap();
+        while p.in_flight() > 0 {
+            ring.reap(|ud, res| p.complete(split_user_data(ud).1, res));
+        }
+        p.notify();
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+    assert_eq!(p.stats.errors, 0);
+    assert_eq!(p.stats.requests, u64::from(rounds) * u64::from(BATCH));
+    ALLOCS.load(Ordering::SeqCst)
+}
+
+#[test]
+fn request_path_allocates_nothing_once_warm() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(16 << 20).unwrap();
+    for (name, backend) in [
+        ("null", BackendSpec::Null { size: 16 << 20 }),
+        ("ram", BackendSpec::Ram { size: 16 << 20 }),
+        (
+            "file",
+            BackendSpec::File {
+                path: file.path().into(),
+                buffered: true,
+            },
+        ),
+    ] {
+        let n = allocations(backend, 200);
+        assert_eq!(
+            n,
+            0,
+            "{name}: {n} heap allocations in {} requests",
+            199 * BATCH
+        );
+    }
+}
