@@ -103,7 +103,7 @@ impl<'a> Worker<'a> {
         self.rng
     }
 
-    fn slot_buf(&self, slot: usize) -> &mut [u8] {
+    fn slot_buf(&mut self, slot: usize) -> &mut [u8] {
         let bs = self.args.bs;
         // SAFETY: slot < iodepth, so the range is inside this worker's part of the mapped
         // region, which lives as long as the Blkio instance (longer than the worker); only
@@ -142,7 +142,8 @@ impl<'a> Worker<'a> {
             if !read {
                 self.gens[block as usize] += 1;
                 let gen = self.gens[block as usize];
-                pattern::fill(self.slot_buf(slot), self.first_block + block, gen);
+                let first = self.first_block;
+                pattern::fill(self.slot_buf(slot), first + block, gen);
             }
         }
         let buf = self.slot_buf(slot).as_mut_ptr();
