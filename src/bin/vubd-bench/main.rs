@@ -70,6 +70,10 @@ pub struct Args {
     /// Only print the JSON line.
     #[arg(long)]
     json: bool,
+    /// Connect and start the queues, then stay idle for --seconds without any I/O: an
+    /// attached but idle frontend, to measure an idle server.
+    #[arg(long)]
+    hold: bool,
 }
 
 fn setup(args: &Args) -> blkio::Result<(Blkio, Vec<Blkioq>, usize, u64)> {
@@ -122,6 +126,19 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
+    if args.hold {
+        let server_cpu0 = args.server_pid.and_then(cpu::process_cpu);
+        std::thread::sleep(Duration::from_secs_f64(args.seconds));
+        let used = match (server_cpu0, args.server_pid.and_then(cpu::process_cpu)) {
+            (Some(a), Some(b)) => format!("{:.4}", (b - a).as_secs_f64()),
+            _ => "null".into(),
+        };
+        println!(
+            "{{\"hold_seconds\":{:.3},\"server_cpu_s\":{used}}}",
+            args.seconds
+        );
+        return ExitCode::SUCCESS;
+    }
     let client_cpu0 = cpu::self_cpu();
     let server_cpu0 = args.server_pid.and_then(cpu::process_cpu);
     let started = Instant::now();
