@@ -386,6 +386,15 @@ impl Reactor {
 
     /// Arms every wakeup source, re-checks for work that raced in, then blocks in epoll.
     fn sleep(&mut self) {
+        // SQEs the kernel has not taken yet would never complete while we sleep.
+        if self.ring.pending() > 0 {
+            if let Err(e) = self.ring.submit() {
+                log::error!("reactor_{}: io_uring submit failed: {e}", self.index);
+            }
+            if self.ring.pending() > 0 {
+                return;
+            }
+        }
         let mut timeout_ms = -1;
         let mut raced = false;
         for p in self.pollers.iter_mut().flatten() {
@@ -398,6 +407,11 @@ impl Reactor {
         if self.ring.in_flight() > 0 {
             self.ring.enable_eventfd();
             raced |= self.ring.has_completions();
+            // The kernel reads the eventfd flag right after publishing a CQE without a full
+            // barrier, so a completion racing with the line above can go unsignalled. With
+            // I/O in flight, never sleep longer than a millisecond: a lost wakeup costs at
+            // most that, never a hang. An idle reactor still sleeps indefinitely.
+            timeout_ms = 1;
         }
         raced |= !self.rx.is_empty();
         if !raced {

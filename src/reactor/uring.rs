@@ -62,6 +62,11 @@ impl Uring {
         self.in_flight + self.pending
     }
 
+    /// SQEs pushed but not yet accepted by the kernel (a failed or partial submit).
+    pub fn pending(&self) -> u32 {
+        self.pending
+    }
+
     /// Queues one SQE. The caller checked `room()`; a full SQ is flushed first.
     ///
     /// # Safety
@@ -111,8 +116,12 @@ impl Uring {
         !self.ring.completion().is_empty()
     }
 
+    /// Before sleeping: completions posted from now on signal the eventfd. The fence orders
+    /// the flag store before the caller's re-check of the CQ (a store-load pair, which x86
+    /// may otherwise reorder).
     pub fn enable_eventfd(&self) {
         self.set_eventfd(true);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn disable_eventfd(&self) {
