@@ -57,17 +57,11 @@ fn read_chains(mem: &GuestMemoryMmap, count: u16) -> Vec<RawDescriptor> {
 }
 
 fn null_disk() -> Arc<Disk> {
-    let cfg = DeviceConfig {
-        name: "bench".into(),
-        socket: SocketSpec::Fd(-1),
-        backend: BackendSpec::Null { size: 1 << 30 },
-        read_only: false,
-        num_queues: 1,
-        serial: String::new(),
-        logical_block_size: 512,
-        writethrough: false,
-        cpumask: None,
-    };
+    let cfg = DeviceConfig::new(
+        "bench",
+        SocketSpec::Fd(-1),
+        BackendSpec::Null { size: 1 << 30 },
+    );
     Arc::new(Disk::open(&cfg).unwrap())
 }
 

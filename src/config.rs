@@ -139,6 +139,22 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
 }
 
 impl DeviceConfig {
+    /// A device with the command line's defaults: one queue, 512-byte blocks, read-write,
+    /// write-back, no serial, the engine's core mask.
+    pub fn new(name: &str, socket: SocketSpec, backend: BackendSpec) -> DeviceConfig {
+        DeviceConfig {
+            name: name.to_string(),
+            socket,
+            backend,
+            read_only: false,
+            num_queues: 1,
+            serial: String::new(),
+            logical_block_size: 512,
+            writethrough: false,
+            cpumask: None,
+        }
+    }
+
     /// Checks what can be checked without touching the system; opening files and sockets
     /// happens when the device is created.
     pub fn validate(&self) -> Result<(), ConfigError> {

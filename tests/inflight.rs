@@ -29,51 +29,6 @@ fn inflight_payload(mmap_size: u64, num_queues: u16, queue_size: u16) -> Vec<u8>
     p
 }
 
-/// Maps the frontend's copy of the inflight region.
-fn map_region(file: &std::fs::File, size: u64) -> GuestMemoryView {
-    GuestMemoryView::new(file, size)
-}
-
-struct GuestMemoryView {
-    base: *mut u8,
-    size: usize,
-}
-
-impl GuestMemoryView {
-    fn new(file: &std::fs::File, size: u64) -> Self {
-        // SAFETY: a new shared mapping of the region fd vubd handed us; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        GuestMemoryView {
-            base: p.cast(),
-            size: size as usize,
-        }
-    }
-    fn write(&self, off: u64, bytes: &[u8]) {
-        assert!(off as usize + bytes.len() <= self.size);
-        // SAFETY: in bounds of our mapping (asserted).
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(off as usize), bytes.len())
-        }
-    }
-    fn read(&self, off: u64, len: usize) -> Vec<u8> {
-        assert!(off as usize + len <= self.size);
-        let mut v = vec![0u8; len];
-        // SAFETY: in bounds of our mapping (asserted).
-        unsafe { std::ptr::copy_nonoverlapping(self.base.add(off as usize), v.as_mut_ptr(), len) }
-        v
-    }
-}
-
 /// A 4 KiB write of `data` at `sector`, using descriptors `first..first+3` and buffers of its
 /// own; returns the head.
 fn write_chain(mem: &GuestMemory, ring: &Ring, first: u16, sector: u64, data: &[u8]) -> u16 {
@@ -136,7 +91,7 @@ fn restarted_vubd_resubmits_in_flight_requests_once_in_order() {
     ring.offer(&mem, h0);
     assert!(ring.wait_used(&mem, 1, WAIT));
     assert_eq!(status_of(&mem, 0), 0);
-    let region = map_region(&region_file, mmap_size);
+    let region = GuestMemory::map(region_file.try_clone().unwrap(), mmap_size);
     assert_eq!(
         region.read(desc_state(h0), 1)[0],
         0,

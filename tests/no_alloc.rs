@@ -49,20 +49,7 @@ const QSIZE: u16 = 64;
 const BATCH: u16 = 16;
 
 fn disk(backend: BackendSpec) -> Arc<Disk> {
-    Arc::new(
-        Disk::open(&DeviceConfig {
-            name: "t".into(),
-            socket: SocketSpec::Fd(-1),
-            backend,
-            read_only: false,
-            num_queues: 1,
-            serial: String::new(),
-            logical_block_size: 512,
-            writethrough: false,
-            cpumask: None,
-        })
-        .unwrap(),
-    )
+    Arc::new(Disk::open(&DeviceConfig::new("t", SocketSpec::Fd(-1), backend)).unwrap())
 }
 
 /// Runs `rounds` passes of BATCH mixed 4 KiB reads and writes; returns allocations counted

@@ -4,12 +4,10 @@
 # interrupt). Server on the last CPU, client on CPU 0, null disk, 4 KiB random reads.
 # Usage: tuning/adaptive.sh [seconds=5] [reps=3]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SECS=${1:-5}
 REPS=${2:-3}
-cargo build --release --bins -q
-BIN=$PWD/target/release
-SRV=$(( $(nproc) - 1 ))
+source "$(dirname "$0")/lib.sh"
+SRV=$SRV_CPU
 DIR=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"' EXIT
 
@@ -18,10 +16,8 @@ start() { # mode spin
     taskset -c $SRV "$BIN/vubd" --socket-path "$DIR/s.sock" --null 1G -m $SRV \
         --poll-mode "$1" --idle-spin-us "$2" 2>>"$DIR/vubd.log" &
     PID=$!
-    for _ in $(seq 100); do [ -S "$DIR/s.sock" ] && break; sleep 0.05; done
+    wait_sock "$DIR/s.sock"
 }
-
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "| mode | idle CPU (attached, idle client) | QD1 p50 µs | QD1 p99 µs | QD1 IOPS | server CPU µs/IO |"
 echo "|---|---|---|---|---|---|"
@@ -35,7 +31,7 @@ for cfg in "poll 50" "adaptive 10" "adaptive 50" "adaptive 200" "interrupt 0"; d
         runs+=("$(taskset -c 0 "$BIN/vubd-bench" --socket "$DIR/s.sock" --rw randread --iodepth 1 \
             --seconds "$SECS" --server-pid $PID --json)")
     done
-    pick() { printf '%s\n' "${runs[@]}" | python3 -c "import json,sys; [print(json.loads(l)['$1']) for l in sys.stdin]" | median; }
+    pick() { json_median "$1" "${runs[@]}"; }
     printf '| %s | %s | %.2f | %.2f | %.0f | %.2f |\n' "$1 (spin ${2} µs)" "$idle" \
         "$(pick lat_p50_us)" "$(pick lat_p99_us)" "$(pick iops)" "$(pick server_cpu_us_per_io)"
     kill $PID; wait $PID 2>/dev/null || true

@@ -13,7 +13,6 @@
 # Usage: tuning/compare.sh [--seconds S] [--reps R] [--out DIR] [--quick]
 #   --quick: null backend, randread, 1 queue only (a 1-minute smoke run)
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SECS=3
 REPS=3
 OUT=tuning/results
@@ -37,12 +36,8 @@ if ! command -v qemu-storage-daemon >/dev/null; then
 fi
 python3 -c "import matplotlib" 2>/dev/null || pip install -q matplotlib
 
-cargo build --release --bins -q
-BIN=$PWD/target/release
-CPUS=$(nproc)
-SRV_CPU=$((CPUS - 1))
-CLI_CPU=0
-[ "$CPUS" -ge 2 ] || { echo "needs 2 CPUs (server and client apart)" >&2; exit 1; }
+source "$(dirname "$0")/lib.sh"
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs (server and client apart)" >&2; exit 1; }
 mkdir -p "$OUT"
 RUNS=$OUT/runs.jsonl
 : >"$RUNS"
@@ -51,8 +46,6 @@ SHM=$(mktemp -d /dev/shm/vubd-compare.XXXXXX)
 PIDS=()
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK" "$SHM"; }
 trap cleanup EXIT
-
-wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 
 start_servers() { # backend -> sets VUBD_PID, QSD_PID
     local backend=$1 vubd_backend qsd_dev

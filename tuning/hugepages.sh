@@ -5,17 +5,14 @@
 # Server on the last CPU, client on CPU 0; medians of $REPS runs. Restores nr_hugepages.
 # Usage: tuning/hugepages.sh [seconds=5] [reps=3]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SECS=${1:-5}
 REPS=${2:-3}
-cargo build --release --bins -q
-BIN=$PWD/target/release
-SRV=$(( $(nproc) - 1 ))
+source "$(dirname "$0")/lib.sh"
+SRV=$SRV_CPU
 DIR=$(mktemp -d)
 OLD=$(cat /proc/sys/vm/nr_hugepages)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; echo "$OLD" >/proc/sys/vm/nr_hugepages; rm -rf "$DIR"' EXIT
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "| RAM disk pages | load | IOPS | MiB/s | p50 µs | p99 µs |"
 echo "|---|---|---|---|---|---|"
 for pages in normal huge; do
@@ -23,7 +20,7 @@ for pages in normal huge; do
     rm -f "$DIR/s.sock"
     taskset -c $SRV "$BIN/vubd" --socket-path "$DIR/s.sock" --ram 1G -m $SRV 2>"$DIR/vubd-$pages.log" &
     PID=$!
-    for _ in $(seq 100); do [ -S "$DIR/s.sock" ] && break; sleep 0.05; done
+    wait_sock "$DIR/s.sock"
     grep -q "huge pages" "$DIR/vubd-$pages.log" && [ $pages = normal ] && { echo "unexpected huge pages" >&2; exit 1; }
     grep -o "RAM disk[^\n]*" "$DIR/vubd-$pages.log" >&2
     taskset -c 0 "$BIN/vubd-bench" --socket "$DIR/s.sock" --rw write --bs 1048576 --iodepth 4 --seconds 2 --json >/dev/null
@@ -33,7 +30,7 @@ for pages in normal huge; do
         for _ in $(seq "$REPS"); do
             runs+=("$(taskset -c 0 "$BIN/vubd-bench" --socket "$DIR/s.sock" --rw "$1" --bs "$2" --iodepth "$3" --seconds "$SECS" --json)")
         done
-        pick() { printf '%s\n' "${runs[@]}" | python3 -c "import json,sys; [print(json.loads(l)['$1']) for l in sys.stdin]" | median; }
+        pick() { json_median "$1" "${runs[@]}"; }
         printf '| %s | %s bs=%s QD%s | %.0f | %.0f | %.2f | %.2f |\n' $pages "$1" "$2" "$3" \
             "$(pick iops)" "$(pick mib_s)" "$(pick lat_p50_us)" "$(pick lat_p99_us)"
     done

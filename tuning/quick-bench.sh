@@ -4,16 +4,12 @@
 # Server pinned to the last CPU, client to CPU 0. Each figure is the median of $RUNS runs.
 # Usage: tuning/quick-bench.sh [seconds-per-run] [runs]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SECS=${1:-5}
 RUNS=${2:-3}
-LAST=$(( $(nproc) - 1 ))
-cargo build --release --bins -q
-BIN=target/release
+source "$(dirname "$0")/lib.sh"
+LAST=$SRV_CPU
 DIR=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"' EXIT
-
-wait_sock() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 
 run() { # label socket qd [--poll]
     local label=$1 sock=$2 qd=$3 poll=${4:-}

@@ -6,11 +6,9 @@
 # the warm-up quarter. Not in CI (10 minutes by default).
 # Usage: tuning/soak.sh [seconds=600] [results.csv]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 DURATION=${1:-600}
 CSV=${2:-}
-cargo build --release --bins -q
-BIN=$PWD/target/release
+source "$(dirname "$0")/lib.sh"
 DIR=$(mktemp -d /var/tmp/vubd-soak.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"' EXIT
 truncate -s 512M "$DIR/disk.img"
@@ -29,9 +27,8 @@ num-queues = 2
 TOML
 "$BIN/vubd" --config "$DIR/vubd.toml" 2>"$DIR/vubd.log" &
 VUBD=$!
-for s in ram file; do
-    for _ in $(seq 100); do [ -S "$DIR/$s.sock" ] && break; sleep 0.05; done
-done
+wait_sock "$DIR/ram.sock"
+wait_sock "$DIR/file.sock"
 
 client() { # device: runs 30 s verified sessions until the deadline
     local dev=$1 end=$2 n=0

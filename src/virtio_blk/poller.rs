@@ -537,15 +537,8 @@ mod tests {
     fn disk(backend: BackendSpec) -> Arc<Disk> {
         Arc::new(
             Disk::open(&DeviceConfig {
-                name: "t".into(),
-                socket: SocketSpec::Fd(-1),
-                backend,
-                read_only: false,
-                num_queues: 1,
                 serial: "serial-1".into(),
-                logical_block_size: 512,
-                writethrough: false,
-                cpumask: None,
+                ..DeviceConfig::new("t", SocketSpec::Fd(-1), backend)
             })
             .unwrap(),
         )

@@ -378,15 +378,9 @@ mod tests {
 
     fn disk(read_only: bool, lbs: u32) -> Disk {
         Disk::open(&DeviceConfig {
-            name: "t".into(),
-            socket: SocketSpec::Fd(-1),
-            backend: BackendSpec::Null { size: 1 << 20 },
             read_only,
-            num_queues: 1,
-            serial: String::new(),
             logical_block_size: lbs,
-            writethrough: false,
-            cpumask: None,
+            ..DeviceConfig::new("t", SocketSpec::Fd(-1), BackendSpec::Null { size: 1 << 20 })
         })
         .unwrap()
     }

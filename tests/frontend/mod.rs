@@ -80,7 +80,12 @@ impl GuestMemory {
         // SAFETY: fresh fd owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size).unwrap();
-        // SAFETY: new shared mapping of our own memfd; checked below.
+        GuestMemory::map(file, size)
+    }
+
+    /// Maps `size` bytes of a shared file (a memfd of ours, or one vubd handed us).
+    pub fn map(file: File, size: u64) -> GuestMemory {
+        // SAFETY: a new shared mapping of a file we hold; checked below.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),

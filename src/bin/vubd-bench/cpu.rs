@@ -25,3 +25,8 @@ pub fn process_cpu(pid: u32) -> Option<Duration> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
 }
+
+/// CPU seconds `pid` used since `start` (a `process_cpu` reading), if both readings exist.
+pub fn process_cpu_since(pid: Option<u32>, start: Option<Duration>) -> Option<f64> {
+    Some((process_cpu(pid?)? - start?).as_secs_f64())
+}

@@ -129,10 +129,8 @@ fn main() -> ExitCode {
     if args.hold {
         let server_cpu0 = args.server_pid.and_then(cpu::process_cpu);
         std::thread::sleep(Duration::from_secs_f64(args.seconds));
-        let used = match (server_cpu0, args.server_pid.and_then(cpu::process_cpu)) {
-            (Some(a), Some(b)) => format!("{:.4}", (b - a).as_secs_f64()),
-            _ => "null".into(),
-        };
+        let used = cpu::process_cpu_since(args.server_pid, server_cpu0)
+            .map_or("null".into(), |c| format!("{c:.4}"));
         println!(
             "{{\"hold_seconds\":{:.3},\"server_cpu_s\":{used}}}",
             args.seconds
@@ -167,10 +165,7 @@ fn main() -> ExitCode {
     });
     let elapsed = started.elapsed().as_secs_f64();
     let client_cpu = (cpu::self_cpu() - client_cpu0).as_secs_f64();
-    let server_cpu = match (server_cpu0, args.server_pid.and_then(cpu::process_cpu)) {
-        (Some(a), Some(b)) => Some((b - a).as_secs_f64()),
-        _ => None,
-    };
+    let server_cpu = cpu::process_cpu_since(args.server_pid, server_cpu0);
 
     let mut total = Stats::new();
     for r in results {
