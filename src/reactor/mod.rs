@@ -115,6 +115,9 @@ impl Engine {
     }
 }
 
+/// Adaptive mode's spin while waiting only for io_uring completions; see `io_spin_ticks`.
+const IO_SPIN: std::time::Duration = std::time::Duration::from_micros(5);
+
 const TOKEN_MESSAGE: u64 = u64::MAX;
 const TOKEN_URING: u64 = u64::MAX - 1;
 
@@ -123,6 +126,9 @@ struct Reactor {
     cpu: usize,
     mode: PollMode,
     idle_spin_ticks: u64,
+    /// Spin while only the kernel has work (I/O in flight, queues idle): short, because a
+    /// completion is worth a wakeup but not a core.
+    io_spin_ticks: u64,
     rx: Receiver<Message>,
     wake: Arc<File>,
     ring: Uring,
@@ -192,6 +198,7 @@ impl Reactor {
             cpu,
             mode: cfg.poll_mode,
             idle_spin_ticks: duration_to_ticks(cfg.idle_spin),
+            io_spin_ticks: duration_to_ticks(cfg.idle_spin.min(IO_SPIN)),
             rx,
             wake,
             ring,
@@ -237,7 +244,14 @@ impl Reactor {
             let start = *idle_since.get_or_insert(now);
             let should_sleep = match self.mode {
                 PollMode::Interrupt => true,
-                PollMode::Adaptive => now.wrapping_sub(start) >= self.idle_spin_ticks,
+                PollMode::Adaptive => {
+                    let spin = if self.ring.in_flight() > 0 {
+                        self.io_spin_ticks
+                    } else {
+                        self.idle_spin_ticks
+                    };
+                    now.wrapping_sub(start) >= spin
+                }
                 // Nothing to poll: even poll mode sleeps until a queue arrives.
                 PollMode::Poll => self.pollers.iter().all(Option::is_none),
             };
