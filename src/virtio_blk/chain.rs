@@ -5,7 +5,9 @@
 //! - at most `queue size` descriptors per table (a loop ends the walk),
 //! - one level of indirection (an indirect table inside an indirect table ends the walk),
 //! - an indirect table's length a non-zero multiple of 16, at most 65535 entries,
-//! - at most 4 GiB of buffers in total.
+//! - at most 4 GiB of buffers in total,
+//! - at most `MAX_CHAIN` descriptors in all, direct and indirect, zero-length ones included
+//!   (QEMU's limit): a guest cannot make one request cost more than that many reads.
 //!
 //! A walk that ends early leaves its last descriptor with NEXT set, which the parser treats
 //! as a malformed chain.
@@ -16,6 +18,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 const DESC_SIZE: u64 = 16;
 
+/// Most descriptors one chain may have.
+pub const MAX_CHAIN: u16 = 1024;
+
 pub struct Chain<'a> {
     mem: &'a GuestMemoryMmap,
     table: GuestAddress,
@@ -24,6 +29,8 @@ pub struct Chain<'a> {
     ttl: u16,
     indirect: bool,
     bytes: u32,
+    /// Descriptors still allowed in this chain.
+    budget: u16,
     done: bool,
 }
 
@@ -42,6 +49,7 @@ impl<'a> Chain<'a> {
             ttl: queue_size,
             indirect: false,
             bytes: 0,
+            budget: MAX_CHAIN,
             done: false,
         }
     }
@@ -62,7 +70,7 @@ impl Iterator for Chain<'_> {
     type Item = Descriptor;
 
     fn next(&mut self) -> Option<Descriptor> {
-        if self.done || self.ttl == 0 {
+        if self.done || self.ttl == 0 || self.budget == 0 {
             return None;
         }
         let mut d = self.read(self.next);
@@ -96,6 +104,7 @@ impl Iterator for Chain<'_> {
             }
         }
         self.ttl -= 1;
+        self.budget -= 1;
         if desc.has_next() {
             self.next = desc.next();
         } else {
@@ -172,5 +181,22 @@ mod tests {
         put(&mem, 0, 7, Descriptor::new(0x1000, 2, 0, 0));
         let c = walk(&mem, 6);
         assert!(c.last().unwrap().has_next(), "4 GiB overflow");
+    }
+
+    #[test]
+    fn long_indirect_tables_stop_at_the_chain_limit() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20000)]).unwrap();
+        // 2000 zero-length descriptors chained in one indirect table.
+        let table = 0x4000;
+        for i in 0..2000u64 {
+            put(&mem, table, i, Descriptor::new(0x1000, 0, N, i as u16 + 1));
+        }
+        put(&mem, 0, 0, Descriptor::new(table, 2000 * 16, I, 0));
+        let c = walk(&mem, 0);
+        assert_eq!(c.len(), usize::from(MAX_CHAIN));
+        assert!(
+            c.last().unwrap().has_next(),
+            "cut short: the parser refuses it"
+        );
     }
 }
