@@ -294,7 +294,7 @@ impl Control {
         }
         // With or without GET_VRING_BASE (libblkio sends none), every ring of the connection
         // stops here.
-        dev.reset();
+        dev.disconnect();
         drop(dev);
         if let Err(e) = epoll_ctl(
             &self.epoll,

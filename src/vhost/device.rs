@@ -271,18 +271,25 @@ impl Device {
         });
     }
 
-    /// The frontend went away (or reset the device): stop every ring and forget everything
-    /// it set up. Guest memory stays mapped until the last in-flight request releases it.
-    pub fn reset(&mut self) {
+    /// RESET_DEVICE / RESET_OWNER: stop every ring and return the device to its initial
+    /// state. The memory table and the protocol features belong to the connection and stay
+    /// (QEMU resets the device on guest driver resets and does not share its memory again).
+    fn reset(&mut self) {
         self.stop_all();
         for v in self.vrings.iter_mut() {
             *v = Vring::default();
         }
-        self.memory.clear();
         self.inflight = None;
         self.acked_features = 0;
-        self.acked_protocol = 0;
         self.disk.set_writeback(!self.cfg.writethrough);
+    }
+
+    /// The frontend went away: reset, and forget its memory too. Guest memory stays mapped
+    /// until the last in-flight request releases it.
+    pub fn disconnect(&mut self) {
+        self.reset();
+        self.memory.clear();
+        self.acked_protocol = 0;
     }
 }
 
