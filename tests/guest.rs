@@ -1,0 +1,200 @@
+//! Linux guest tests: each test runs `tests/guest/run.sh NAME`, which boots a small Debian
+//! guest in qemu-system-x86_64 with a vhost-user-blk-pci disk served by the `vubd` binary
+//! cargo just built, and asserts on the `VUBD-RESULT` lines it prints.
+//!
+//! run.sh installs QEMU and builds the guest itself (it needs root and Debian's package
+//! servers the first time). When it cannot (exit status 77), the test is reported as
+//! SKIPPED on stderr and FAILS, unless `VUBD_ALLOW_GUEST_SKIP=1` is set: a missing guest
+//! must never look like a pass.
+//!
+//! The tests run one at a time (a lock), since each boots a 2-vCPU guest on a 2-core host.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One guest test may take this long (TCG boots, first-time install and guest build
+/// included) before it is stopped and failed.
+const TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// run.sh's exit status for "the environment cannot run guest tests".
+const EXIT_SETUP_MISSING: i32 = 77;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+struct Outcome {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+/// Runs run.sh with `args` in its own process group; on timeout the group gets SIGTERM
+/// (run.sh's trap then stops its QEMU and vubd), then SIGKILL.
+fn run_script(args: &[&str]) -> Outcome {
+    let dir = tempfile::Builder::new()
+        .prefix("vubd-guest-test-")
+        .tempdir_in("/var/tmp")
+        .expect("temp dir in /var/tmp");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run.sh");
+    let start = Instant::now();
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .env("VUBD_BIN", env!("CARGO_BIN_EXE_vubd"))
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).expect("stdout file"))
+        .stderr(File::create(&err_path).expect("stderr file"))
+        .process_group(0)
+        .spawn()
+        .expect("start tests/guest/run.sh");
+    let pgid = child.id() as libc::pid_t;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for run.sh") {
+            break status;
+        }
+        if start.elapsed() > TIMEOUT {
+            eprintln!("run.sh {args:?} still running after {TIMEOUT:?}: stopping it");
+            // SAFETY: kill(2) on the process group we created; no memory is involved.
+            unsafe { libc::kill(-pgid, libc::SIGTERM) };
+            let grace = Instant::now();
+            while grace.elapsed() < Duration::from_secs(30) {
+                if child.try_wait().expect("wait for run.sh").is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            break child.wait().expect("wait for run.sh");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    Outcome {
+        status,
+        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// The key=value words of one `VUBD-RESULT` line.
+fn fields(line: &str) -> Vec<(&str, &str)> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    fields(line)
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn guest_test(name: &str) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = run_script(&[name]);
+    let code = out.status.code();
+
+    if code == Some(EXIT_SETUP_MISSING) {
+        let what: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("VUBD-SETUP-MISSING: "))
+            .collect();
+        let what = if what.is_empty() {
+            "qemu-system-x86_64 or the cached guest (run.sh exited 77)".to_string()
+        } else {
+            what.join("; ")
+        };
+        eprintln!("SKIPPED: guest test {name}: {what}");
+        if std::env::var("VUBD_ALLOW_GUEST_SKIP").as_deref() == Ok("1") {
+            return;
+        }
+        panic!(
+            "guest test {name} could not run ({what}); set VUBD_ALLOW_GUEST_SKIP=1 to allow \
+             skipping it\n--- run.sh stderr ---\n{}",
+            out.stderr
+        );
+    }
+
+    let results: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.find("VUBD-RESULT ").map(|i| &l[i..]))
+        .collect();
+    let summary = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("VUBD-TEST "))
+        .unwrap_or("(no VUBD-TEST line)");
+    // Shown with --nocapture, and on failure.
+    println!("guest test {name}: {summary} ({:.0?})", out.elapsed);
+    for r in &results {
+        println!("  {r}");
+    }
+
+    let mut problems = Vec::new();
+    if !out.status.success() {
+        problems.push(format!("run.sh exited with {}", out.status));
+    }
+    let own: Vec<&&str> = results
+        .iter()
+        .filter(|r| field(r, "test") == Some(name))
+        .collect();
+    if own.is_empty() {
+        problems.push(format!("no VUBD-RESULT line for test={name}"));
+    }
+    for r in &results {
+        if field(r, "status") != Some("PASS") {
+            problems.push(format!("not a pass: {r}"));
+        }
+    }
+    if !summary.contains(&format!("name={name} status=PASS")) {
+        problems.push(format!("summary: {summary}"));
+    }
+    assert!(
+        problems.is_empty(),
+        "guest test {name} failed:\n  {}\n--- run.sh stdout ---\n{}\n--- run.sh stderr ---\n{}",
+        problems.join("\n  "),
+        out.stdout,
+        out.stderr
+    );
+}
+
+/// Disk size, block sizes, queue count, discard/write-zeroes limits, serial, cache mode as
+/// the guest's virtio_blk driver sees them (512 B and 4 KiB logical blocks).
+#[test]
+fn guest_geometry() {
+    guest_test("geometry");
+}
+
+/// mkfs.ext4, checksummed files, fstrim, e2fsck -fn, remount and verify.
+#[test]
+fn guest_fs() {
+    guest_test("fs");
+}
+
+/// fio randwrite + crc32c verify at QD1 and QD32 over both queues.
+#[test]
+fn guest_fio() {
+    guest_test("fio");
+}
+
+/// blkdiscard and blkdiscard -z read back as zeroes; the discarded range is a hole in the
+/// backing file.
+#[test]
+fn guest_discard() {
+    guest_test("discard");
+}
+
+/// vubd SIGKILLed and restarted under a running fio with verify; QEMU reconnects.
+#[test]
+fn guest_restart() {
+    guest_test("restart");
+}

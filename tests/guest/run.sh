@@ -1,0 +1,464 @@
+#!/usr/bin/env bash
+# Linux guest tests for vubd: boots a small Debian guest (kernel + busybox initramfs, built
+# by build-guest.sh and cached) in qemu-system-x86_64 with a vhost-user-blk-pci disk served
+# by a vubd this script starts, and runs a test inside it (tests/guest/init).
+#
+# Usage: tests/guest/run.sh [TEST...]     TEST: geometry fs fio discard restart (default all)
+#
+# Output: the guest's and the host's "VUBD-RESULT test=NAME status=PASS|FAIL key=value..."
+# lines, one "VUBD-TEST name=NAME status=... seconds=..." line per test, and a summary.
+# Exit status: 0 all passed, 1 a test failed, 77 the environment cannot run the tests
+# (qemu or the guest cannot be installed/built: not root, no network), with a
+# "VUBD-SETUP-MISSING: ..." line on stderr.
+#
+# Environment:
+#   VUBD_GUEST_CACHE         guest cache dir (default /var/cache/vubd-guest)
+#   VUBD_GUEST_ACCEL         auto (default: probe KVM, else TCG), kvm or tcg
+#   VUBD_BIN                 vubd binary to test (default: cargo build --release --bin vubd)
+#   VUBD_GUEST_BOOT_TIMEOUT  seconds one boot may take before it is killed (default 300)
+#   VUBD_GUEST_KEEP=1        keep the work dir (logs, disk image) even when all passed
+#   VUBD_GUEST_NO_INSTALL=1  do not run install-host.sh (then missing tools mean exit 77)
+#   VUBD_GUEST_RECONNECT     chardev reconnect option of the restart test
+#                            (default reconnect-ms=1000 on QEMU >= 10, else reconnect=1)
+#   VUBD_GUEST_KILL_AFTER    restart test: seconds of fio before vubd is killed (default 4)
+set -euo pipefail
+# Job control: every background job (qemu under timeout(1), vubd) gets its own process
+# group, so the cleanup can end it and its children with one kill of the group.
+set -m
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+CACHE=${VUBD_GUEST_CACHE:-/var/cache/vubd-guest}
+ACCEL=${VUBD_GUEST_ACCEL:-auto}
+BOOT_TIMEOUT=${VUBD_GUEST_BOOT_TIMEOUT:-300}
+KVM_PROBE_TIMEOUT=${VUBD_GUEST_KVM_PROBE_TIMEOUT:-30}
+ALL_TESTS=(geometry fs fio discard restart)
+DISK_SIZE=$((256 * 1024 * 1024))
+SERIAL=vubd-guest-disk
+GIB=1073741824
+
+log() { echo "run.sh: $*" >&2; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
+setup_missing() {
+    echo "VUBD-SETUP-MISSING: $*" >&2
+    exit 77
+}
+
+tests=("$@")
+[ ${#tests[@]} -gt 0 ] || tests=("${ALL_TESTS[@]}")
+for t in "${tests[@]}"; do
+    case " ${ALL_TESTS[*]} " in
+    *" $t "*) ;;
+    *)
+        echo "usage: $0 [TEST...]   tests: ${ALL_TESTS[*]}" >&2
+        exit 2
+        ;;
+    esac
+done
+
+# --- processes we start: killed on any exit ------------------------------------------------
+PIDS=()
+WORK=""
+FAILED=0
+# kill_group PID: TERM, then KILL after 2 s, to the process group led by PID (our job)
+kill_group() {
+    kill -TERM -- "-$1" 2>/dev/null || return 0
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        kill -0 -- "-$1" 2>/dev/null || return 0
+        sleep 0.2
+    done
+    kill -KILL -- "-$1" 2>/dev/null || true
+}
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill_group "$pid"
+    done
+    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        rm -f "$WORK"/*.img
+        if [ "$FAILED" -eq 0 ] && [ "${VUBD_GUEST_KEEP:-0}" != 1 ]; then
+            rm -rf "$WORK"
+        else
+            log "logs kept in $WORK"
+        fi
+    fi
+}
+trap cleanup EXIT
+trap 'FAILED=1; exit 130' INT TERM
+forget_pid() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do
+        [ "$p" = "$1" ] || keep+=("$p")
+    done
+    PIDS=("${keep[@]}")
+}
+
+t_start=$(now)
+
+# --- host packages -------------------------------------------------------------------------
+if [ "${VUBD_GUEST_NO_INSTALL:-0}" != 1 ]; then
+    rc=0
+    "$HERE/install-host.sh" || rc=$?
+    [ $rc -eq 0 ] || exit $rc
+fi
+PATH="$PATH:/usr/sbin:/sbin"
+need_tools() {
+    local bin
+    for bin in "$@"; do
+        command -v "$bin" >/dev/null || setup_missing "$bin (run tests/guest/install-host.sh as root)"
+    done
+}
+need_tools qemu-system-x86_64
+
+# --- the guest: cached, keyed by what defines it -------------------------------------------
+key=$(cat "$HERE/build-guest.sh" "$HERE/init" | sha256sum | cut -c1-16)
+GUEST=$CACHE/guest-$key
+if [ ! -f "$GUEST/initrd.img" ]; then
+    { mkdir -p "$CACHE" 2>/dev/null && [ -w "$CACHE" ]; } ||
+        setup_missing "guest cache $CACHE is not writable (set VUBD_GUEST_CACHE or run as root)"
+    exec 9>"$CACHE/.lock"
+    flock 9
+    if [ ! -f "$GUEST/initrd.img" ]; then
+        need_tools cpio depmod ldconfig apt-get dpkg-deb fio mke2fs e2fsck blkdiscard blockdev fstrim
+        log "building the guest into $GUEST"
+        t0=$(now)
+        rm -rf "$GUEST.tmp"
+        mkdir -p "$GUEST.tmp"
+        "$HERE/build-guest.sh" "$GUEST.tmp" >&2 || setup_missing "guest build failed (build-guest.sh)"
+        # drop guests of older script versions
+        find "$CACHE" -maxdepth 1 -name 'guest-*' ! -name "guest-$key*" -exec rm -rf {} +
+        mv "$GUEST.tmp" "$GUEST"
+        log "guest built in $(since "$t0") s"
+    fi
+    flock -u 9
+    exec 9>&-
+else
+    log "guest from cache: $GUEST"
+fi
+sed 's/^/run.sh: guest /' "$GUEST/info" >&2
+
+# --- vubd ----------------------------------------------------------------------------------
+if [ -n "${VUBD_BIN:-}" ]; then
+    VUBD=$VUBD_BIN
+else
+    log "cargo build --release --bin vubd"
+    (cd "$ROOT" && cargo build --release --bin vubd >&2) || {
+        echo "VUBD-RESULT test=build status=FAIL reason=cargo_build"
+        exit 1
+    }
+    VUBD=$ROOT/target/release/vubd
+fi
+[ -x "$VUBD" ] || {
+    echo "VUBD-RESULT test=build status=FAIL reason=no_binary path=$VUBD"
+    exit 1
+}
+
+WORK=$(mktemp -d /var/tmp/vubd-guest-run.XXXXXX)
+log "work dir $WORK"
+
+# --- QEMU ----------------------------------------------------------------------------------
+qemu_major=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p')
+# 'reconnect' (seconds) gave way to 'reconnect-ms' in QEMU 9.2.
+# VUBD_GUEST_RECONNECT overrides the option (e.g. reconnect=1).
+if [ -n "${VUBD_GUEST_RECONNECT:-}" ]; then
+    RECONNECT=$VUBD_GUEST_RECONNECT
+elif [ "${qemu_major:-0}" -ge 10 ]; then
+    RECONNECT=reconnect-ms=1000
+else
+    RECONNECT=reconnect=1
+fi
+
+# start_qemu NAME APPEND [extra args...]: boots the guest in the background; sets QEMU_PID
+# and QEMU_LOG (the serial console).
+start_qemu() {
+    local name=$1 append=$2
+    shift 2
+    QEMU_LOG=$WORK/$name.serial.log
+    local accel_args=(-accel tcg -cpu max)
+    [ "$ACCEL" = kvm ] && accel_args=(-accel kvm -cpu host)
+    : >"$QEMU_LOG"
+    # timeout(1) is the last line of defence if this script is killed without its trap.
+    timeout -k 10 "$BOOT_TIMEOUT" qemu-system-x86_64 \
+        "${accel_args[@]}" -machine q35 -smp 2 -m 512M \
+        -nodefaults -nographic -monitor none -no-reboot \
+        -serial "file:$QEMU_LOG" \
+        -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initrd.img" \
+        -append "console=ttyS0 panic=-1 quiet $append" \
+        "$@" </dev/null >"$WORK/$name.qemu.log" 2>&1 &
+    QEMU_PID=$!
+    PIDS+=("$QEMU_PID")
+}
+# wait_qemu: waits for QEMU_PID (its timeout(1) wrapper enforces BOOT_TIMEOUT); sets QEMU_RC.
+# A guest that printed VUBD-DONE but did not power off within 20 s (the kernel's shutdown
+# can block on a disk that stopped answering) is stopped, with QEMU_RC=125.
+wait_qemu() {
+    local done_at=""
+    QEMU_RC=0
+    while kill -0 "$QEMU_PID" 2>/dev/null; do
+        if [ -z "$done_at" ] && grep -aq '^VUBD-DONE' "$QEMU_LOG" 2>/dev/null; then
+            done_at=$(date +%s)
+        fi
+        if [ -n "$done_at" ] && [ $(($(date +%s) - done_at)) -ge 20 ]; then
+            log "guest printed VUBD-DONE but did not power off in 20 s: stopping QEMU"
+            kill_group "$QEMU_PID"
+            wait "$QEMU_PID" 2>/dev/null || true
+            forget_pid "$QEMU_PID"
+            QEMU_RC=125
+            return
+        fi
+        sleep 0.5
+    done
+    wait "$QEMU_PID" || QEMU_RC=$?
+    forget_pid "$QEMU_PID"
+}
+# wait_marker FILE STRING SECONDS: 0 when STRING shows up in FILE in time
+wait_marker() {
+    local deadline
+    deadline=$(($(date +%s) + $3))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        grep -aq "$2" "$1" 2>/dev/null && return 0
+        kill -0 "$QEMU_PID" 2>/dev/null || { grep -aq "$2" "$1" 2>/dev/null; return $?; }
+        sleep 0.2
+    done
+    return 1
+}
+
+# --- KVM or TCG ----------------------------------------------------------------------------
+# /dev/kvm may exist and still not boot a stock kernel (a paravirtual KVM that hangs), so
+# KVM is used only if a probe boot prints its marker in time. The answer is cached for
+# this host boot, and this QEMU major version.
+detect_accel() {
+    local cache_file probe_t0
+    cache_file=$CACHE/accel-$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo x)-qemu$qemu_major
+    if [ -f "$cache_file" ]; then
+        ACCEL=$(cat "$cache_file")
+        log "accel: $ACCEL (probed earlier this host boot: $cache_file)"
+        return
+    fi
+    ACCEL=tcg
+    if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+        probe_t0=$(now)
+        ACCEL=kvm
+        start_qemu kvm-probe "vubd.test=probe"
+        if wait_marker "$QEMU_LOG" VUBD-PROBE-OK "$KVM_PROBE_TIMEOUT"; then
+            log "accel: kvm (probe boot printed its marker in $(since "$probe_t0") s)"
+        else
+            ACCEL=tcg
+            log "accel: tcg (a KVM probe boot printed no marker within ${KVM_PROBE_TIMEOUT} s)"
+        fi
+        kill_group "$QEMU_PID"
+        wait_qemu
+    else
+        log "accel: tcg (/dev/kvm is not usable)"
+    fi
+    echo "$ACCEL" >"$cache_file" 2>/dev/null || true
+}
+case "$ACCEL" in
+auto) detect_accel ;;
+kvm | tcg) log "accel: $ACCEL (VUBD_GUEST_ACCEL)" ;;
+*)
+    echo "VUBD_GUEST_ACCEL must be auto, kvm or tcg" >&2
+    exit 2
+    ;;
+esac
+
+# --- vubd processes --------------------------------------------------------------------------
+# start_vubd NAME ARGS...: starts vubd on $WORK/NAME.sock; sets VUBD_PID, SOCK
+start_vubd() {
+    local name=$1
+    shift
+    SOCK=$WORK/$name.sock
+    rm -f "$SOCK"
+    echo "== $(date +%T) $VUBD $*" >>"$WORK/$name.vubd.log"
+    RUST_LOG=${RUST_LOG:-info} "$VUBD" --socket-path "$SOCK" "$@" >>"$WORK/$name.vubd.log" 2>&1 &
+    VUBD_PID=$!
+    PIDS+=("$VUBD_PID")
+    for _ in $(seq 100); do
+        [ -S "$SOCK" ] && return 0
+        kill -0 "$VUBD_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "vubd did not come up on $SOCK:"
+    tail -20 "$WORK/$name.vubd.log" >&2
+    return 1
+}
+stop_vubd() {
+    local alive=1
+    kill -0 "$VUBD_PID" 2>/dev/null || alive=0
+    kill -TERM "$VUBD_PID" 2>/dev/null || true
+    for _ in $(seq 50); do
+        kill -0 "$VUBD_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$VUBD_PID" 2>/dev/null || true
+    wait "$VUBD_PID" 2>/dev/null || true
+    forget_pid "$VUBD_PID"
+    return $((1 - alive))
+}
+
+# vhost_args SOCK QUEUES [chardev-extra]: the QEMU arguments of the vhost-user-blk disk
+vhost_args() {
+    echo "-object memory-backend-memfd,id=mem0,size=512M,share=on -numa node,memdev=mem0
+        -chardev socket,id=c0,path=$1${3:+,$3}
+        -device vhost-user-blk-pci,chardev=c0,num-queues=$2,queue-size=256"
+}
+
+# --- results -------------------------------------------------------------------------------
+declare -A STATUS=() SECONDS_OF=()
+# check_run NAME: judges one boot from its serial log, QEMU's status and vubd's log.
+# Prints the guest's VUBD-RESULT lines; returns 1 on failure.
+check_run() {
+    local name=$1 ok=0 lines
+    lines=$(grep -ao 'VUBD-RESULT .*' "$WORK/$name.serial.log" | tr -d '\r' || true)
+    if [ -n "$lines" ]; then
+        echo "$lines"
+        echo "$lines" | grep -qv ' status=PASS' && ok=1
+    else
+        echo "VUBD-RESULT test=$name status=FAIL reason=no_result_from_guest"
+        ok=1
+    fi
+    grep -aq '^VUBD-DONE' "$WORK/$name.serial.log" || {
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=guest_did_not_finish qemu_rc=$QEMU_RC"
+        ok=1
+    }
+    if [ "$QEMU_RC" -ne 0 ]; then
+        local why=qemu_exit_$QEMU_RC
+        [ "$QEMU_RC" -eq 124 ] && why=boot_timeout_${BOOT_TIMEOUT}s
+        [ "$QEMU_RC" -eq 125 ] && why=guest_did_not_power_off
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=$why"
+        ok=1
+    fi
+    if grep -aqE 'panicked|SIGSEGV' "$WORK/$name.vubd.log" 2>/dev/null; then
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_panicked"
+        ok=1
+    fi
+    if [ $ok -ne 0 ]; then
+        log "---- $name: serial console (tail) ----"
+        tail -60 "$WORK/$name.serial.log" | tr -d '\r' >&2
+        log "---- $name: qemu ----"
+        tail -20 "$WORK/$name.qemu.log" >&2
+        log "---- $name: vubd (tail) ----"
+        tail -30 "$WORK/$name.vubd.log" >&2 || true
+    fi
+    return $ok
+}
+
+# boot_one NAME VUBD-ARGS APPEND: one vubd, one guest boot, checked
+boot_one() {
+    local name=$1 vargs=$2 append=$3 img=$WORK/$1.img rc=0
+    truncate -s "$DISK_SIZE" "$img"
+    # shellcheck disable=SC2086
+    start_vubd "$name" --blk-file "$img" --num-queues 2 --serial "$SERIAL" $vargs || {
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_start"
+        return 1
+    }
+    # shellcheck disable=SC2046
+    start_qemu "$name" "$append" $(vhost_args "$SOCK" 2)
+    wait_qemu
+    check_run "$name" || rc=1
+    stop_vubd || {
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_exited_early"
+        rc=1
+    }
+    return $rc
+}
+
+geometry_expect() { # LBS
+    local l=$1
+    echo "size:$((DISK_SIZE / 512)),logical_block_size:$l,physical_block_size:$l,minimum_io_size:$l,optimal_io_size:0,queues:2,ro:0,serial:$SERIAL,write_cache:write_back,discard_granularity:$l,discard_max_hw_bytes:$GIB,discard_max_bytes:$GIB,max_discard_segments:1,write_zeroes_max_bytes:$GIB,max_segments:254,max_segment_size:1048576"
+}
+
+test_geometry() {
+    local rc=0
+    boot_one geometry "" "vubd.test=geometry vubd.expect=$(geometry_expect 512)" || rc=1
+    boot_one geometry4k "--logical-block-size 4096" "vubd.test=geometry vubd.expect=$(geometry_expect 4096)" || rc=1
+    return $rc
+}
+test_fs() { boot_one fs "" "vubd.test=fs"; }
+test_fio() { boot_one fio "" "vubd.test=fio"; }
+test_discard() {
+    local rc=0 st=PASS first_data
+    boot_one discard "" "vubd.test=discard" || rc=1
+    # The guest discarded 4..12 MiB: vubd punches a hole there (fallocate PUNCH_HOLE), so
+    # the image has no data in that range; 0..4 MiB was written and must be data.
+    first_data=$(python3 -c '
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    print(os.lseek(fd, int(sys.argv[2]), os.SEEK_DATA))
+except OSError:
+    print(os.fstat(fd).st_size)
+' "$WORK/discard.img" $((4 << 20)))
+    [ "$first_data" -ge $((12 << 20)) ] || st=FAIL
+    echo "VUBD-RESULT test=discard-host status=$st first_data_after_4MiB=$first_data hole_expected_until=$((12 << 20))"
+    [ $st = PASS ] || rc=1
+    return $rc
+}
+
+# restart: the guest runs fio with verify; the host SIGKILLs vubd mid-run and starts it
+# again on the same socket and file; QEMU reconnects (chardev reconnect) and fio must finish
+# without an I/O error and with its verification passing.
+test_restart() {
+    local name=restart img=$WORK/restart.img rc=0 kill_after=${VUBD_GUEST_KILL_AFTER:-4}
+    truncate -s "$DISK_SIZE" "$img"
+    local vargs=(--blk-file "$img" --num-queues 2 --serial "$SERIAL")
+    start_vubd "$name" "${vargs[@]}" || {
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_start"
+        return 1
+    }
+    # shellcheck disable=SC2046
+    start_qemu "$name" "vubd.test=restart vubd.fio_size=32M vubd.fio_secs=20" $(vhost_args "$SOCK" 2 "$RECONNECT")
+    local killed=no restarted=no busy=no
+    if wait_marker "$QEMU_LOG" VUBD-FIO-STARTED "$BOOT_TIMEOUT"; then
+        sleep "$kill_after"
+        # fio must still be running when vubd dies, or the scenario tested nothing
+        grep -aq 'VUBD-RESULT' "$QEMU_LOG" || busy=yes
+        if kill -0 "$QEMU_PID" 2>/dev/null && kill -KILL "$VUBD_PID" 2>/dev/null; then
+            killed=yes
+            wait "$VUBD_PID" 2>/dev/null || true
+            forget_pid "$VUBD_PID"
+            log "restart: vubd SIGKILLed ${kill_after} s into fio; starting it again"
+            sleep 1
+            start_vubd "$name" "${vargs[@]}" && restarted=yes
+        fi
+    fi
+    wait_qemu
+    local host_st=PASS
+    [ $killed = yes ] && [ $restarted = yes ] && [ $busy = yes ] || host_st=FAIL
+    echo "VUBD-RESULT test=restart-host status=$host_st killed=$killed fio_running_at_kill=$busy restarted=$restarted kill_after_s=$kill_after"
+    [ $host_st = PASS ] || rc=1
+    check_run "$name" || rc=1
+    if [ $restarted = yes ]; then
+        stop_vubd || {
+            echo "VUBD-RESULT test=$name-host status=FAIL reason=restarted_vubd_exited_early"
+            rc=1
+        }
+    fi
+    return $rc
+}
+
+# --- run -----------------------------------------------------------------------------------
+log "vubd $VUBD, accel $ACCEL, tests: ${tests[*]}"
+for t in "${tests[@]}"; do
+    t0=$(now)
+    log "== $t"
+    if "test_$t"; then
+        STATUS[$t]=PASS
+    else
+        STATUS[$t]=FAIL
+        FAILED=1
+    fi
+    SECONDS_OF[$t]=$(since "$t0")
+    echo "VUBD-TEST name=$t status=${STATUS[$t]} seconds=${SECONDS_OF[$t]} accel=$ACCEL"
+done
+
+npass=0
+nfail=0
+echo "---- vubd guest tests (accel $ACCEL) ----"
+for t in "${tests[@]}"; do
+    printf '%-10s %s %6s s\n' "$t" "${STATUS[$t]}" "${SECONDS_OF[$t]}"
+    if [ "${STATUS[$t]}" = PASS ]; then npass=$((npass + 1)); else nfail=$((nfail + 1)); fi
+done
+echo "SUMMARY passed=$npass failed=$nfail total_seconds=$(since "$t_start")"
+[ $nfail -eq 0 ]
