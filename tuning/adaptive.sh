@@ -9,7 +9,7 @@ REPS=${2:-3}
 source "$(dirname "$0")/lib.sh"
 SRV=$SRV_CPU
 DIR=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
 start() { # mode spin
     rm -f "$DIR/s.sock"

@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 SRV=$SRV_CPU
 DIR=$(mktemp -d)
 OLD=$(cat /proc/sys/vm/nr_hugepages)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; echo "$OLD" >/proc/sys/vm/nr_hugepages; rm -rf "$DIR"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; echo "$OLD" >/proc/sys/vm/nr_hugepages; rm -rf "$DIR"' EXIT
 
 echo "| RAM disk pages | load | IOPS | MiB/s | p50 µs | p99 µs |"
 echo "|---|---|---|---|---|---|"
@@ -21,8 +21,8 @@ for pages in normal huge; do
     taskset -c $SRV "$BIN/vubd" --socket-path "$DIR/s.sock" --ram 1G -m $SRV 2>"$DIR/vubd-$pages.log" &
     PID=$!
     wait_sock "$DIR/s.sock"
-    grep -q "huge pages" "$DIR/vubd-$pages.log" && [ $pages = normal ] && { echo "unexpected huge pages" >&2; exit 1; }
-    grep -o "RAM disk[^\n]*" "$DIR/vubd-$pages.log" >&2
+    grep -q "on huge pages" "$DIR/vubd-$pages.log" && [ $pages = normal ] && { echo "unexpected huge pages" >&2; exit 1; }
+    grep -o "RAM disk.*" "$DIR/vubd-$pages.log" >&2
     taskset -c 0 "$BIN/vubd-bench" --socket "$DIR/s.sock" --rw write --bs 1048576 --iodepth 4 --seconds 2 --json >/dev/null
     for load in "randread 4096 32" "randwrite 4096 32" "randread 65536 8"; do
         set -- $load

@@ -9,7 +9,7 @@ RUNS=${2:-3}
 source "$(dirname "$0")/lib.sh"
 LAST=$SRV_CPU
 DIR=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
 run() { # label socket qd [--poll]
     local label=$1 sock=$2 qd=$3 poll=${4:-}

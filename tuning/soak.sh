@@ -10,7 +10,7 @@ DURATION=${1:-600}
 CSV=${2:-}
 source "$(dirname "$0")/lib.sh"
 DIR=$(mktemp -d /var/tmp/vubd-soak.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 truncate -s 512M "$DIR/disk.img"
 cat > "$DIR/vubd.toml" <<TOML
 [[device]]
