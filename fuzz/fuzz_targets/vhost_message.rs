@@ -744,7 +744,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
         }
     }
     // What the control thread does on disconnect: stop every ring and forget the frontend.
-    device.lock().unwrap_or_else(|p| p.into_inner()).reset();
+    device.lock().unwrap_or_else(|p| p.into_inner()).disconnect();
     drop(handler);
     drain(&frontend);
 });
