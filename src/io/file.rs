@@ -11,7 +11,6 @@ use super::DiskError;
 pub struct FileDisk {
     file: File,
     size: u64,
-    direct: bool,
     block_device: bool,
 }
 
@@ -57,7 +56,6 @@ impl FileDisk {
         Ok(FileDisk {
             file,
             size,
-            direct: !buffered,
             block_device,
         })
     }
@@ -68,10 +66,6 @@ impl FileDisk {
 
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
-    }
-
-    pub fn is_direct(&self) -> bool {
-        self.direct
     }
 
     pub fn is_block_device(&self) -> bool {

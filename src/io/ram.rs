@@ -81,10 +81,6 @@ impl RamDisk {
         })
     }
 
-    pub fn on_huge_pages(&self) -> bool {
-        self.huge
-    }
-
     /// Copies the disk at `offset` into the iovecs. The caller checked that the request lies
     /// inside the disk.
     pub fn read(&self, offset: u64, iovecs: &[libc::iovec]) {

@@ -97,12 +97,13 @@ impl Engine {
         for (h, t) in self.handles.iter().zip(self.threads) {
             match t.join() {
                 Ok(s) => log::info!(
-                    "reactor_{} (cpu {}): busy {:.3}s idle {:.3}s asleep {:.3}s ({} sleeps), \
-                     {} requests, {} errors, {} notifications",
+                    "reactor_{} (cpu {}): busy {:.3}s idle {:.3}s ({:.1}% busy while awake), \
+                     asleep {:.3}s ({} sleeps), {} requests, {} errors, {} notifications",
                     h.index,
                     h.cpu,
                     ticks_to_duration(s.busy_ticks).as_secs_f64(),
                     ticks_to_duration(s.idle_ticks).as_secs_f64(),
+                    s.busy_percent(),
                     ticks_to_duration(s.sleep_ticks).as_secs_f64(),
                     s.sleeps,
                     s.requests,
