@@ -11,8 +11,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vubd::config::{BackendSpec, DeviceConfig, SocketSpec};
 use vubd::io::iovec::{self, GuestRange};
 use vubd::io::Disk;
-use vubd::reactor::message::{QueueKey, QueueStart};
 use vubd::reactor::uring::Uring;
+use vubd::virtio_blk::mock;
 use vubd::virtio_blk::poller::QueuePoller;
 use vubd::virtio_blk::request::{Parser, Request, VIRTIO_BLK_T_IN};
 
@@ -71,7 +71,7 @@ fn parse(c: &mut Criterion) {
     let mem = memory();
     let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
     vq.add_desc_chains(&read_chains(&mem, 1), 0).unwrap();
-    let mut queue = vubd::virtio_blk::mock::queue(&vq, QUEUE_SIZE);
+    let mut queue = mock::queue(&vq, QUEUE_SIZE);
     let mut parser = Parser::default();
     let mut req = Request::default();
     c.bench_function("parse_read_chain", |b| {
@@ -94,32 +94,14 @@ fn queue_pass(c: &mut Criterion) {
         for (i, d) in read_chains(&mem, batch).into_iter().enumerate() {
             vq.desc_table().store(i as u16, d).unwrap();
         }
-        let mut poller = QueuePoller::new(QueueStart {
-            key: QueueKey {
-                device: 0,
-                queue: 0,
-            },
-            queue: vubd::virtio_blk::mock::queue(&vq, QUEUE_SIZE),
-            mem: Arc::clone(&mem),
-            disk: null_disk(),
-            serial: [0; 20],
-            kick: None,
-            call: None,
-            inflight: None,
-            resubmit: Vec::new(),
-        });
+        let mut poller = QueuePoller::new(mock::queue_start(&vq, QUEUE_SIZE, &mem, null_disk()));
         let mut ring = Uring::new().unwrap();
         group.throughput(Throughput::Elements(u64::from(batch)));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
             b.iter(|| {
                 // Offer the same `batch` chains again, wrapping around the avail ring as a
                 // driver does.
-                let idx = vq.avail().idx().load();
-                for i in 0..batch {
-                    let slot = usize::from(idx.wrapping_add(i) % QUEUE_SIZE);
-                    vq.avail().ring().ref_at(slot).unwrap().store(i * 3);
-                }
-                vq.avail().idx().store(idx.wrapping_add(batch));
+                mock::offer(&vq, QUEUE_SIZE, (0..batch).map(|i| i * 3));
                 assert_eq!(poller.poll(0, &mut ring), u32::from(batch));
                 poller.notify();
             })

@@ -11,8 +11,8 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vubd::config::{BackendSpec, DeviceConfig, SocketSpec};
 use vubd::io::Disk;
-use vubd::reactor::message::{QueueKey, QueueStart};
 use vubd::reactor::uring::Uring;
+use vubd::virtio_blk::mock;
 use vubd::virtio_blk::poller::{split_user_data, QueuePoller};
 
 struct Counting;
@@ -79,32 +79,14 @@ fn allocations(backend: BackendSpec, rounds: u32) -> u64 {
                 .unwrap();
         }
     }
-    let mut p = QueuePoller::new(QueueStart {
-        key: QueueKey {
-            device: 0,
-            queue: 0,
-        },
-        queue: vubd::virtio_blk::mock::queue(&vq, QSIZE),
-        mem: Arc::clone(&mem),
-        disk: disk(backend),
-        serial: [0; 20],
-        kick: None,
-        call: None,
-        inflight: None,
-        resubmit: Vec::new(),
-    });
+    let mut p = QueuePoller::new(mock::queue_start(&vq, QSIZE, &mem, disk(backend)));
     let mut ring = Uring::new().unwrap();
     for round in 0..rounds {
         if round == 1 {
             ALLOCS.store(0, Ordering::SeqCst);
             COUNTING.store(true, Ordering::SeqCst);
         }
-        let idx = vq.avail().idx().load();
-        for i in 0..BATCH {
-            let slot = usize::from(idx.wrapping_add(i) % QSIZE);
-            vq.avail().ring().ref_at(slot).unwrap().store(i * 3);
-        }
-        vq.avail().idx().store(idx.wrapping_add(BATCH));
+        mock::offer(&vq, QSIZE, (0..BATCH).map(|i| i * 3));
         assert_eq!(p.poll(0, &mut ring), u32::from(BATCH));
         ring.submit().unwrap();
         while p.in_flight() > 0 {

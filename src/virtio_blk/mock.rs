@@ -3,9 +3,14 @@
 //! `avail.end()`, which adds the element count rather than the byte count, so the used ring
 //! overlaps the avail ring and completions overwrite offered heads.
 
+use std::sync::Arc;
+
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::io::Disk;
+use crate::reactor::message::{QueueKey, QueueStart};
 
 /// Guest address of the used ring of queues built by [`queue`]: past any mock ring layout
 /// of up to 1024 entries, below the buffers tests place at 1 MiB and up.
@@ -24,4 +29,48 @@ pub fn queue(vq: &MockSplitQueue<GuestMemoryMmap>, size: u16) -> Queue {
         .expect("aligned");
     q.set_ready(true);
     q
+}
+
+/// What a reactor gets to poll `vq` (queue 0 of device 0) on `disk`: no kick or call fd, no
+/// serial, no inflight tracking.
+pub fn queue_start(
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    size: u16,
+    mem: &Arc<GuestMemoryMmap>,
+    disk: Arc<Disk>,
+) -> QueueStart {
+    QueueStart {
+        key: QueueKey {
+            device: 0,
+            queue: 0,
+        },
+        queue: queue(vq, size),
+        mem: Arc::clone(mem),
+        disk,
+        serial: [0; crate::virtio_blk::ID_BYTES],
+        kick: None,
+        call: None,
+        inflight: None,
+        resubmit: Vec::new(),
+    }
+}
+
+/// Offers `heads` on `vq`'s avail ring, wrapping around it as a driver does, and publishes
+/// the new avail index.
+pub fn offer(
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    size: u16,
+    heads: impl IntoIterator<Item = u16>,
+) {
+    let mut idx = vq.avail().idx().load();
+    for head in heads {
+        let slot = usize::from(idx % size);
+        vq.avail()
+            .ring()
+            .ref_at(slot)
+            .expect("slot < size")
+            .store(head);
+        idx = idx.wrapping_add(1);
+    }
+    vq.avail().idx().store(idx);
 }

@@ -550,18 +550,8 @@ mod tests {
         disk: Arc<Disk>,
     ) -> QueuePoller {
         QueuePoller::new(QueueStart {
-            key: QueueKey {
-                device: 0,
-                queue: 0,
-            },
-            queue: crate::virtio_blk::mock::queue(vq, 16),
-            mem: Arc::clone(mem),
-            disk,
             serial: *b"serial-1\0\0\0\0\0\0\0\0\0\0\0\0",
-            kick: None,
-            call: None,
-            inflight: None,
-            resubmit: Vec::new(),
+            ..crate::virtio_blk::mock::queue_start(vq, 16, mem, disk)
         })
     }
 
