@@ -293,7 +293,8 @@ impl Reactor {
     fn handle(&mut self, msg: Message) {
         match msg {
             Message::AddQueue(start) => {
-                let poller = QueuePoller::new(*start);
+                let mut poller = QueuePoller::new(*start);
+                poller.notify_driver();
                 let slot = match self.pollers.iter().position(Option::is_none) {
                     Some(s) => s,
                     None => {

@@ -510,6 +510,16 @@ impl QueuePoller {
         }
     }
 
+    /// Signals the call eventfd unconditionally. A backend killed between publishing used
+    /// entries and signalling them leaves the driver waiting for completions that are
+    /// already in the used ring; a queue that starts signals once so the driver looks.
+    /// A spurious notification is harmless: the driver re-checks the used ring.
+    pub fn notify_driver(&mut self) {
+        if let Some(call) = self.call.as_mut() {
+            let _ = call.write(&1u64.to_ne_bytes());
+        }
+    }
+
     /// A queue with no kick eventfd cannot wake a sleeping reactor.
     pub fn can_sleep(&self) -> bool {
         self.kick.is_some() || !self.active()
