@@ -7,14 +7,12 @@ use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRI
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vubd::config::{BackendSpec, DeviceConfig, SocketSpec};
-use vubd::io::iovec::{self, GuestRange};
-use vubd::io::Disk;
-use vubd::reactor::uring::Uring;
-use vubd::virtio_blk::mock;
-use vubd::virtio_blk::poller::QueuePoller;
-use vubd::virtio_blk::request::{Parser, Request, VIRTIO_BLK_T_IN};
+use vm_memory::{Bytes, GuestAddress};
+use vubd::testing::GuestMemoryMmap;
+use vubd::testing::{
+    iovec, mock, open_backend, Backend, GuestRange, Harness, Parser, Request, VIRTIO_BLK_T_IN,
+};
+use vubd::BackendSpec;
 
 const QUEUE_SIZE: u16 = 256;
 const N: u16 = VRING_DESC_F_NEXT as u16;
@@ -56,13 +54,8 @@ fn read_chains(mem: &GuestMemoryMmap, count: u16) -> Vec<RawDescriptor> {
     descs
 }
 
-fn null_disk() -> Arc<Disk> {
-    let cfg = DeviceConfig::new(
-        "bench",
-        SocketSpec::Fd(-1),
-        BackendSpec::Null { size: 1 << 30 },
-    );
-    Arc::new(Disk::open(&cfg).unwrap())
+fn null_disk() -> Arc<dyn Backend> {
+    open_backend(&BackendSpec::Null { size: 1 << 30 }, false).unwrap()
 }
 
 /// Request parsing alone: one 3-descriptor read chain -> `Request` (guest memory reads and
@@ -84,7 +77,7 @@ fn parse(c: &mut Criterion) {
 }
 
 /// A whole queue pass on the null backend: pop, parse, check, zero-fill 4 KiB, write status,
-/// add used, EVENT_IDX notification check. Reported per request at batch sizes 1, 8, 32.
+/// add used, statistics, EVENT_IDX notification check. Reported per request at batch sizes 1, 8, 32.
 fn queue_pass(c: &mut Criterion) {
     let _ = env_logger::try_init();
     let mut group = c.benchmark_group("queue_pass_null");
@@ -94,16 +87,15 @@ fn queue_pass(c: &mut Criterion) {
         for (i, d) in read_chains(&mem, batch).into_iter().enumerate() {
             vq.desc_table().store(i as u16, d).unwrap();
         }
-        let mut poller = QueuePoller::new(mock::queue_start(&vq, QUEUE_SIZE, &mem, null_disk()));
-        let mut ring = Uring::new().unwrap();
+        let start = mock::queue_start(&vq, QUEUE_SIZE, &mem, null_disk(), "");
+        let mut h = Harness::new(|ctx| mock::virt_queue(start, ctx));
         group.throughput(Throughput::Elements(u64::from(batch)));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
             b.iter(|| {
                 // Offer the same `batch` chains again, wrapping around the avail ring as a
                 // driver does.
                 mock::offer(&vq, QUEUE_SIZE, (0..batch).map(|i| i * 3));
-                assert_eq!(poller.poll(0, &mut ring), u32::from(batch));
-                poller.notify();
+                assert_eq!(h.pass(), u32::from(batch));
             })
         });
     }

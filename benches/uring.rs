@@ -5,7 +5,7 @@ use std::os::unix::io::AsRawFd;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use io_uring::{opcode, types};
-use vubd::reactor::uring::Uring;
+use vubd::testing::Uring;
 
 fn submit_reap(c: &mut Criterion) {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::config::{
-    backend_from, load_devices, parse_size, socket_from, Config, ConfigError, DeviceConfig,
-    EngineConfig, PollMode, DEFAULT_IDLE_SPIN_US,
+    backend_from, check_new_device, load_devices, parse_size, socket_from, Config, ConfigError,
+    DeviceConfig, EngineConfig, PollMode, DEFAULT_IDLE_SPIN_US, MAX_QUEUES,
 };
 use crate::cpuset::{online_cpus, CpuSet};
 
@@ -37,8 +37,8 @@ pub struct Args {
     /// Refuse writes; offer VIRTIO_BLK_F_RO.
     #[arg(long)]
     pub read_only: bool,
-    /// Maximum number of queues offered to the frontend.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Maximum number of queues offered to the frontend (at most 256, the default).
+    #[arg(long, value_name = "N", default_value_t = MAX_QUEUES)]
     pub num_queues: u16,
     /// Serial number returned by GET_ID (at most 20 bytes).
     #[arg(long, value_name = "STR", default_value = "")]
@@ -117,20 +117,8 @@ impl TryFrom<Args> for Config {
                 vec![dev]
             }
         };
-        for d in &devices {
-            if let Some(mask) = &d.cpumask {
-                if !mask.is_subset_of(&engine.cpumask) {
-                    return Err(ConfigError::Other(format!(
-                        "device {}: core mask {mask} is not inside the engine's mask {}",
-                        d.name, engine.cpumask
-                    )));
-                }
-            }
-        }
-        let mut sockets: Vec<_> = devices.iter().map(|d| &d.socket).collect();
-        sockets.sort_by_key(|s| format!("{s:?}"));
-        if sockets.windows(2).any(|w| w[0] == w[1]) {
-            return Err(ConfigError::Other("two devices share one socket".into()));
+        for (i, d) in devices.iter().enumerate() {
+            check_new_device(&devices[..i], d, &engine.cpumask)?;
         }
         Ok(Config { engine, devices })
     }

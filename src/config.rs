@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cpuset::{CpuSet, CpuSetError};
+pub use crate::engine::PollMode;
+use crate::engine::Settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,32 +44,11 @@ pub enum ConfigError {
     Other(String),
 }
 
-/// The largest queue count a device offers; each queue is a virtqueue of one frontend.
-pub const MAX_QUEUES: u16 = 64;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PollMode {
-    /// Never sleep: lowest latency, one busy core per reactor.
-    Poll,
-    /// Poll while there is work, sleep on eventfds after `idle_spin` without any.
-    Adaptive,
-    /// Sleep as soon as a loop iteration finds no work.
-    Interrupt,
-}
-
-impl std::str::FromStr for PollMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "poll" => Ok(PollMode::Poll),
-            "adaptive" => Ok(PollMode::Adaptive),
-            "interrupt" => Ok(PollMode::Interrupt),
-            _ => Err(format!(
-                "poll mode must be poll, adaptive or interrupt, got {s:?}"
-            )),
-        }
-    }
-}
+/// The largest queue count a device offers, and the default: vhost-user's SET_VRING_KICK and
+/// SET_VRING_CALL carry an 8-bit ring index. QEMU asks for one queue per vCPU unless told
+/// otherwise and refuses a backend that offers fewer; queues cost nothing until a frontend
+/// starts them.
+pub const MAX_QUEUES: u16 = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackendSpec {
@@ -105,6 +86,15 @@ pub struct EngineConfig {
     pub idle_spin: Duration,
 }
 
+impl EngineConfig {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            mode: self.poll_mode,
+            idle_spin: self.idle_spin,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub engine: EngineConfig,
@@ -139,15 +129,15 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
 }
 
 impl DeviceConfig {
-    /// A device with the command line's defaults: one queue, 512-byte blocks, read-write,
-    /// write-back, no serial, the engine's core mask.
+    /// A device with the command line's defaults: up to 256 queues, 512-byte blocks,
+    /// read-write, write-back, no serial, the engine's core mask.
     pub fn new(name: &str, socket: SocketSpec, backend: BackendSpec) -> DeviceConfig {
         DeviceConfig {
             name: name.to_string(),
             socket,
             backend,
             read_only: false,
-            num_queues: 1,
+            num_queues: MAX_QUEUES,
             serial: String::new(),
             logical_block_size: 512,
             writethrough: false,
@@ -188,6 +178,39 @@ impl DeviceConfig {
         }
         Ok(())
     }
+}
+
+/// Checks `new` against the devices that already exist (at start-up: the ones before it in
+/// the file; at run time: the registry's) and the engine: unique names and sockets, a core
+/// mask inside the engine's.
+pub fn check_new_device<'a>(
+    existing: impl IntoIterator<Item = &'a DeviceConfig>,
+    new: &DeviceConfig,
+    engine_mask: &CpuSet,
+) -> Result<(), ConfigError> {
+    if let Some(mask) = &new.cpumask {
+        if !mask.is_subset_of(engine_mask) {
+            return Err(ConfigError::Other(format!(
+                "device {}: core mask {mask} is not inside the engine's mask {engine_mask}",
+                new.name
+            )));
+        }
+    }
+    for d in existing {
+        if d.name == new.name {
+            return Err(ConfigError::Other(format!(
+                "two devices are named {:?}",
+                new.name
+            )));
+        }
+        if d.socket == new.socket {
+            return Err(ConfigError::Other(format!(
+                "devices {} and {} share one socket",
+                d.name, new.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One `[[device]]` table of the config file: the same names as the command line flags.
@@ -268,7 +291,7 @@ pub fn load_devices(path: &Path) -> Result<Vec<DeviceConfig>, ConfigError> {
                 socket,
                 backend,
                 read_only: t.read_only,
-                num_queues: t.num_queues.unwrap_or(1),
+                num_queues: t.num_queues.unwrap_or(MAX_QUEUES),
                 serial: t.serial.unwrap_or_default(),
                 logical_block_size: t.logical_block_size.unwrap_or(512),
                 writethrough: t.writethrough,

@@ -1,81 +1,82 @@
-//! vubd: a vhost-user-blk server. See DESIGN in the README for the thread model.
+//! vubd: a vhost-user-blk server. The layers, top to bottom (arrows point down only):
+//!
+//! ```text
+//!   registry (control thread): devices by name, add/remove, the control event loop
+//!   vhost (vhost-user control plane: sockets, one thread per frontend, memory, vrings)
+//!   virtio_blk (virtqueue front end: chains -> block requests, completions, notify)
+//!   blk (block core: requests, errors, device model, the backend contract, statistics)
+//!   backend (null, ram, file)          engine (reactors, pollers, io_uring, messages)
+//! ```
+//!
+//! The binary needs [`Args`], [`Config`] and [`run`]; tests, benches and fuzz targets reach
+//! the layers through [`testing`] (feature `test-utils`).
 
-pub mod cli;
-pub mod config;
-pub mod cpuset;
-pub mod io;
-pub mod reactor;
-pub mod vhost;
-pub mod virtio_blk;
+mod backend;
+mod blk;
+mod cli;
+mod config;
+mod cpuset;
+mod engine;
+mod guestmem;
+mod registry;
+mod vhost;
+mod virtio_blk;
 
-use config::Config;
-use reactor::Engine;
-use std::sync::Arc;
+pub use cli::{Args, CAPABILITIES_JSON};
+pub use config::{BackendSpec, Config, ConfigError, DeviceConfig, SocketSpec};
 
-use vhost::control::{block_signals, listen, Control, MESSAGE_TIMEOUT};
-use vhost::device::Device;
-use vhost::watchdog::Watchdog;
+use registry::control::{block_signals, serve};
+use registry::{AddError, Registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("device {dev}: {err}")]
-    Disk { dev: String, err: io::DiskError },
-    #[error("device {dev}: {err}")]
-    Socket {
-        dev: String,
-        err: vhost::control::SocketError,
-    },
+    #[error("{0}")]
+    Add(#[from] AddError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Opens every backend and socket first (so bad arguments fail before anything runs), then
-/// starts the reactors and serves until SIGINT/SIGTERM.
+/// Starts the reactors, adds every configured device (so bad arguments fail before anything
+/// is served), then serves until SIGINT/SIGTERM.
 pub fn run(config: Config) -> Result<(), RunError> {
-    let mut opened = Vec::new();
-    for dev in &config.devices {
-        let disk = io::Disk::open(dev).map_err(|err| RunError::Disk {
-            dev: dev.name.clone(),
-            err,
-        })?;
-        let (listener, path) = listen(&dev.socket).map_err(|err| RunError::Socket {
-            dev: dev.name.clone(),
-            err,
-        })?;
-        opened.push((dev.clone(), disk, listener, path));
-    }
     let signals = block_signals()?;
-    let engine = Engine::start(&config.engine)?;
-    let watchdog = Arc::new(Watchdog::start(MESSAGE_TIMEOUT)?);
-    let mut control = Control::new(signals, Arc::clone(&watchdog))?;
-    for (id, (dev, disk, listener, path)) in opened.into_iter().enumerate() {
-        let mask = dev
-            .cpumask
-            .clone()
-            .unwrap_or_else(|| config.engine.cpumask.clone());
-        let reactors: Vec<_> = engine
-            .reactors()
-            .iter()
-            .filter(|r| mask.contains(r.cpu))
-            .cloned()
-            .collect();
-        let placement: Vec<String> = (0..dev.num_queues)
-            .map(|q| format!("q{q}->cpu{}", reactors[usize::from(q) % reactors.len()].cpu))
-            .collect();
-        log::info!(
-            "device {}: {} backend, {} bytes, {} queue(s) [{}], listening on {}",
-            dev.name,
-            disk.kind(),
-            disk.capacity,
-            dev.num_queues,
-            placement.join(" "),
-            path.as_ref()
-                .map_or_else(|| format!("{:?}", dev.socket), |p| p.display().to_string())
-        );
-        let device = Device::new(id as u32, dev, disk, reactors, Arc::clone(&watchdog));
-        control.add_device(listener, path, device)?;
+    let engine = engine::Engine::start(config.engine.cpumask.cpus(), config.engine.settings())?;
+    let registry = Registry::new(engine.reactors(), config.engine.cpumask.clone())?;
+    for dev in config.devices {
+        if let Err(e) = registry.add(dev) {
+            registry.shutdown();
+            engine.shutdown();
+            return Err(e.into());
+        }
     }
-    let result = control.run();
+    let result = serve(&registry, signals);
     engine.shutdown();
     result.map_err(RunError::from)
+}
+
+/// What tests, benches and fuzz targets use of the layers.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing {
+    pub use crate::backend::open as open_backend;
+    pub use crate::blk::model::Caps;
+    pub use crate::blk::stats::IoStats;
+    pub use crate::blk::{Backend, BlockError, BlockRequest, Device, DeviceModel, Op};
+    pub use crate::config::{EngineConfig, PollMode};
+    pub use crate::cpuset::CpuSet;
+    pub use crate::engine::eventfd::EventFd;
+    pub use crate::engine::testing::Harness;
+    pub use crate::engine::uring::Uring;
+    pub use crate::engine::{Ctx, Engine, Poller, ReactorHandle, Settings};
+    pub use crate::guestmem::GuestMemoryMmap;
+    pub use crate::vhost::device::VhostDevice;
+    pub use crate::vhost::watchdog::Watchdog;
+    pub use crate::virtio_blk::chain::Chain;
+    pub use crate::virtio_blk::inflight::InflightRegion;
+    pub use crate::virtio_blk::iovec::{self, GuestRange};
+    pub use crate::virtio_blk::mock;
+    pub use crate::virtio_blk::notify::{EventFdNotifier, SignalRing};
+    pub use crate::virtio_blk::queue::{QueueStart, VirtQueue};
+    pub use crate::virtio_blk::request::{
+        ParseError, Parser, Request, RequestType, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
 }

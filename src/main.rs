@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vubd::cli::{Args, CAPABILITIES_JSON};
-use vubd::config::Config;
+use vubd::Config;
+use vubd::{Args, CAPABILITIES_JSON};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

@@ -492,3 +492,129 @@ fn guest_triggered_logs_are_rate_limited() {
     drop(fe);
     assert_unharmed(&mut s);
 }
+
+/// Writes `v` to an eventfd's counter.
+fn add_to_eventfd(f: &std::fs::File, v: u64) {
+    use std::io::Write;
+    (&*f).write_all(&v.to_ne_bytes()).expect("eventfd write");
+}
+
+/// Clears O_NONBLOCK in the file description the frontend shares with vubd.
+fn make_blocking(f: &std::fs::File) {
+    // SAFETY: plain fcntl on an fd we own.
+    assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) }, 0);
+}
+
+/// Offers `n` flushes one after another on `ring`; true if all completed.
+fn flushes_complete(mem: &GuestMemory, ring: &mut Ring, n: usize) -> bool {
+    (0..n).all(|_| flush(mem, ring) == S_OK)
+}
+
+/// The largest value an eventfd counter can be brought to by write(2); one more blocks.
+const EVENTFD_FULL: u64 = 0xffff_ffff_ffff_fffe;
+
+#[test]
+fn call_fd_at_its_maximum_and_blocking_does_not_stall_the_reactor() {
+    let mut s = setup();
+    let (mut fe, mem) = connect_target(&s.target);
+    // An eventfd whose counter is full and whose file description is blocking: a write(2)
+    // of 1 to it would block until the frontend reads it, which it never does.
+    let call = eventfd();
+    add_to_eventfd(&call, EVENTFD_FULL);
+    make_blocking(&call);
+    let mut ring = Ring::setup_with(&mut fe, &mem, 0, 16, 0, eventfd(), call)
+        .expect("ring with a full call fd");
+    // Requests complete (the queue's reactor is not stuck in a write), and the bystander on
+    // the same reactor keeps serving while this frontend never reads its call fd.
+    assert!(flushes_complete(&mem, &mut ring, 20), "requests complete");
+    let mut c = Client::connect(&s.bystander, 1);
+    ok("bystander write", c.disk().write(0, &pattern(5, 0, 4096)));
+    assert!(flushes_complete(&mem, &mut ring, 20), "still completing");
+    drop(c);
+    drop(fe);
+    assert_unharmed(&mut s);
+}
+
+#[test]
+fn call_fd_made_blocking_after_it_was_handed_over_does_not_stall_the_reactor() {
+    let mut s = setup();
+    let (mut fe, mem) = connect_target(&s.target);
+    let mut ring = Ring::setup(&mut fe, &mem, 0, 16, 0).unwrap();
+    assert_eq!(flush(&mem, &mut ring), S_OK);
+    // O_NONBLOCK lives in the file description vubd shares: the frontend fills the counter
+    // and takes O_NONBLOCK away after SET_VRING_CALL.
+    let mut drained = [0u8; 8];
+    let _ = std::io::Read::read(&mut &ring.call, &mut drained);
+    add_to_eventfd(&ring.call, EVENTFD_FULL);
+    make_blocking(&ring.call);
+    make_blocking(&ring.kick);
+    assert!(flushes_complete(&mem, &mut ring, 20), "requests complete");
+    let mut c = Client::connect(&s.bystander, 1);
+    ok("bystander write", c.disk().write(0, &pattern(6, 0, 4096)));
+    drop(c);
+    drop(fe);
+    assert_unharmed(&mut s);
+}
+
+#[test]
+fn kick_or_call_fds_that_are_not_eventfds_are_refused() {
+    let mut s = setup();
+    let (mut fe, mem) = connect_target(&s.target);
+    let (r, w) = std::io::pipe().unwrap();
+    let pipe_file = |p: std::os::fd::OwnedFd| std::fs::File::from(p);
+    assert!(
+        Ring::setup_with(&mut fe, &mem, 0, 16, 0, eventfd(), pipe_file(w.into())).is_none(),
+        "a pipe as call fd was accepted"
+    );
+    drop(fe);
+    let (mut fe, mem) = connect_target(&s.target);
+    assert!(
+        Ring::setup_with(&mut fe, &mem, 0, 16, 0, pipe_file(r.into()), eventfd()).is_none(),
+        "a pipe as kick fd was accepted"
+    );
+    drop(fe);
+    let log = s.server.stderr();
+    assert!(
+        log.contains("SET_VRING_CALL with an fd that is not an eventfd")
+            && log.contains("SET_VRING_KICK with an fd that is not an eventfd"),
+        "{log}"
+    );
+    assert_unharmed(&mut s);
+}
+
+#[test]
+fn frontend_that_shrinks_its_memory_file_loses_only_its_connection() {
+    let mut s = setup();
+    let (mut fe, mem) = connect_target(&s.target);
+    let ring = Ring::setup(&mut fe, &mem, 0, 16, 0).unwrap();
+    // Let the queue settle into sleep, then pull the memory out from under vubd and kick:
+    // its next access to the ring is past the end of the file.
+    std::thread::sleep(Duration::from_millis(50));
+    mem.file.set_len(0).unwrap();
+    ring.kick_now();
+    assert!(fe.closed_by_server(), "the frontend was disconnected");
+    s.server.assert_alive();
+    let log = s.server.stderr();
+    assert!(log.contains("shared memory faulted"), "{log}");
+    // The test must not touch its own (now truncated) mapping again.
+    std::mem::forget(mem);
+    assert_unharmed(&mut s);
+}
+
+#[test]
+fn inflight_region_vubd_creates_cannot_be_shrunk() {
+    let mut s = setup();
+    let mut fe = Frontend::connect(&s.target);
+    fe.handshake(PF_INFLIGHT_SHMFD);
+    let mut p = 0u64.to_le_bytes().to_vec(); // mmap_size
+    p.extend_from_slice(&0u64.to_le_bytes()); // mmap_offset
+    p.extend_from_slice(&2u16.to_le_bytes()); // num_queues
+    p.extend_from_slice(&16u16.to_le_bytes()); // queue_size
+    p.extend_from_slice(&[0u8; 4]); // padding
+    let r = fe.get(GET_INFLIGHT_FD, &p).unwrap();
+    let file = r.files.into_iter().next().expect("inflight fd");
+    let err = file.set_len(0).expect_err("the inflight memfd shrank");
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    drop(fe);
+    assert_unharmed(&mut s);
+}

@@ -31,6 +31,26 @@ fn reconnect_keeps_data() {
     }
 }
 
+/// A frontend may stay silent between messages for as long as it likes (QEMU talks only
+/// during setup and reset); only a message that starts and does not finish is a stall.
+#[test]
+fn idle_frontend_stays_connected() {
+    let dir = test_dir();
+    let mut server = Server::start(dir.path(), "vubd", &["--ram", "64M"]);
+    let mut client = Client::connect(&server.socket, 1);
+    ok("write", client.disk().write(0, &pattern(3, 0, 4096)));
+    // Longer than the 5 s a message may take.
+    std::thread::sleep(Duration::from_secs(7));
+    let got = ok("read after 7 s of silence", client.disk().read(0, 4096));
+    assert_bytes_eq("data", &got, &pattern(3, 0, 4096));
+    server.assert_alive();
+    assert!(
+        !server.stderr().contains("stalled"),
+        "an idle frontend was taken for a stalled one:\n{}",
+        server.stderr()
+    );
+}
+
 #[test]
 fn two_devices_in_one_process_via_config() {
     let dir = test_dir();
@@ -262,6 +282,17 @@ fn cli_socket_in_use_fails_and_first_server_keeps_serving() {
     let mut client = Client::connect(&first.socket, 1);
     let got = ok("read on first server", client.disk().read(0, 4096));
     assert_bytes_eq("first server's data", &got, &data);
+}
+
+#[test]
+fn cli_more_queues_than_vhost_user_can_name_fails() {
+    let dir = test_dir();
+    let (status, stderr) = run_vubd_to_exit(
+        dir.path(),
+        "cli",
+        &args(dir.path(), &["--ram", "64M", "--num-queues", "257"]),
+    );
+    assert_cli_error(status, &stderr, &["num-queues", "256"]);
 }
 
 #[test]

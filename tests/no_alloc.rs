@@ -8,12 +8,10 @@ use std::sync::Arc;
 
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vubd::config::{BackendSpec, DeviceConfig, SocketSpec};
-use vubd::io::Disk;
-use vubd::reactor::uring::Uring;
-use vubd::virtio_blk::mock;
-use vubd::virtio_blk::poller::{split_user_data, QueuePoller};
+use vm_memory::{Bytes, GuestAddress};
+use vubd::testing::GuestMemoryMmap;
+use vubd::testing::{mock, open_backend, Harness, Op};
+use vubd::BackendSpec;
 
 struct Counting;
 
@@ -48,10 +46,6 @@ static GLOBAL: Counting = Counting;
 const QSIZE: u16 = 64;
 const BATCH: u16 = 16;
 
-fn disk(backend: BackendSpec) -> Arc<Disk> {
-    Arc::new(Disk::open(&DeviceConfig::new("t", SocketSpec::Fd(-1), backend)).unwrap())
-}
-
 /// Runs `rounds` passes of BATCH mixed 4 KiB reads and writes; returns allocations counted
 /// during all passes after the first (warm-up) one.
 fn allocations(backend: BackendSpec, rounds: u32) -> u64 {
@@ -79,24 +73,27 @@ fn allocations(backend: BackendSpec, rounds: u32) -> u64 {
                 .unwrap();
         }
     }
-    let mut p = QueuePoller::new(mock::queue_start(&vq, QSIZE, &mem, disk(backend)));
-    let mut ring = Uring::new().unwrap();
+    let start = mock::queue_start(&vq, QSIZE, &mem, open_backend(&backend, false).unwrap(), "");
+    let mut h = Harness::new(|ctx| mock::virt_queue(start, ctx));
     for round in 0..rounds {
         if round == 1 {
             ALLOCS.store(0, Ordering::SeqCst);
             COUNTING.store(true, Ordering::SeqCst);
         }
         mock::offer(&vq, QSIZE, (0..BATCH).map(|i| i * 3));
-        assert_eq!(p.poll(0, &mut ring), u32::from(BATCH));
-        ring.submit().unwrap();
-        while p.in_flight() > 0 {
-            ring.reap(|ud, res| p.complete(split_user_data(ud).1, res));
+        assert_eq!(h.pass(), u32::from(BATCH));
+        while h.poller.in_flight() > 0 {
+            h.reap();
         }
-        p.notify();
+        h.pass();
     }
     COUNTING.store(false, Ordering::SeqCst);
-    assert_eq!(p.stats.errors, 0);
-    assert_eq!(p.stats.requests, u64::from(rounds) * u64::from(BATCH));
+    let stats = h.poller.stats();
+    assert_eq!(stats.error_count(), 0);
+    assert_eq!(
+        stats.ops[Op::Read.index()] + stats.ops[Op::Write { fua: false }.index()],
+        u64::from(rounds) * u64::from(BATCH)
+    );
     ALLOCS.load(Ordering::SeqCst)
 }
 

@@ -3,9 +3,10 @@
 //! request headers and discard segments anywhere, and the avail ring.
 //!
 //! Phase 1 pops every offered chain from a device-side `virtio_queue::Queue` and runs
-//! `Parser::parse`, then `Request::check` against a small null disk, checking the parser's
-//! invariants. Phase 2 runs whole `QueuePoller::poll` passes (null and RAM backends) over the
-//! same guest memory, which writes status bytes and used-ring entries and signals a call eventfd.
+//! `Parser::parse`, then the block core's checks against a small device model, checking the
+//! parser's invariants. Phase 2 runs whole `VirtQueue` passes (null and RAM backends) over the
+//! same guest memory, which writes status bytes and used-ring entries and signals a call
+//! eventfd through the ring.
 //! Nothing may panic, and nothing may touch memory outside the two regions (a stray pointer
 //! segfaults under the sanitizer).
 #![no_main]
@@ -16,15 +17,14 @@ use std::sync::Arc;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
-use vubd::config::{BackendSpec, DeviceConfig, SocketSpec};
-use vubd::io::Disk;
-use vubd::reactor::message::{QueueKey, QueueStart};
-use vubd::reactor::uring::{new_eventfd, Uring};
-use vubd::virtio_blk::chain::Chain;
-use vubd::virtio_blk::inflight::InflightRegion;
-use vubd::virtio_blk::poller::QueuePoller;
-use vubd::virtio_blk::request::{ParseError, Parser, Request, RequestType};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vubd::testing::GuestMemoryMmap;
+use vubd::testing::{
+    open_backend, Backend, BlockRequest, Caps, Chain, Ctx, DeviceModel, EventFdNotifier,
+    InflightRegion, ParseError, Parser, Poller, QueueStart, Request, RequestType, SignalRing,
+    Uring, VirtQueue,
+};
+use vubd::BackendSpec;
 
 /// Each guest memory region is 64 KiB.
 const REGION: u64 = 0x1_0000;
@@ -337,23 +337,45 @@ fn device_queue(input: &Input, rings: (u64, u64, u64)) -> Option<Queue> {
     Some(q)
 }
 
-fn disk_config(backend: BackendSpec, variant: u8) -> DeviceConfig {
-    DeviceConfig {
-        name: "fuzz".into(),
-        socket: SocketSpec::Fd(-1),
-        backend,
-        read_only: variant & 1 != 0,
-        num_queues: 1,
-        serial: "fuzz-serial".into(),
-        logical_block_size: if variant & 2 != 0 { 4096 } else { 512 },
-        writethrough: false,
-        cpumask: None,
+/// A device: backend plus model (variant bit 0: read-only, bit 1: 4 KiB blocks).
+struct Disk {
+    backend: Arc<dyn Backend>,
+    model: Arc<DeviceModel>,
+}
+
+impl Disk {
+    fn new(spec: BackendSpec, variant: u8) -> Disk {
+        let backend = open_backend(&spec, false).unwrap();
+        let model = Arc::new(DeviceModel::new(
+            backend.info().size,
+            if variant & 2 != 0 { 4096 } else { 512 },
+            variant & 1 != 0,
+            true,
+            "fuzz-serial",
+            Caps::ALL,
+            1,
+        ));
+        Disk { backend, model }
     }
 }
 
+/// The checks a request passes before a backend sees it.
+fn check(req: &Request, model: &DeviceModel) -> bool {
+    req.block_op(model).is_ok_and(|(op, offset, len)| {
+        model
+            .check(&BlockRequest {
+                op,
+                offset,
+                len,
+                ..BlockRequest::default()
+            })
+            .is_ok()
+    })
+}
+
 struct Fixtures {
-    null: Vec<Arc<Disk>>,
-    ram: Vec<Arc<Disk>>,
+    null: Vec<Disk>,
+    ram: Vec<Disk>,
     ring: Uring,
     /// One single-queue inflight region per queue size.
     inflight: Vec<Arc<InflightRegion>>,
@@ -361,19 +383,24 @@ struct Fixtures {
 
 thread_local! {
     // Built once: a RAM disk allocation and an io_uring setup cost far more than one input.
-    // Null and RAM backends never put SQEs in the ring, so its state does not carry over.
+    // Each pass reaps its ring before the next, so no state carries over.
     static FIXTURES: RefCell<Fixtures> = RefCell::new(Fixtures {
-        null: (0..4)
-            .map(|v| Arc::new(Disk::open(&disk_config(BackendSpec::Null { size: 1 << 20 }, v)).unwrap()))
-            .collect(),
-        ram: (0..4)
-            .map(|v| Arc::new(Disk::open(&disk_config(BackendSpec::Ram { size: 1 << 20 }, v)).unwrap()))
-            .collect(),
+        null: (0..4).map(|v| Disk::new(BackendSpec::Null { size: 1 << 20 }, v)).collect(),
+        ram: (0..4).map(|v| Disk::new(BackendSpec::Ram { size: 1 << 20 }, v)).collect(),
         ring: Uring::new().expect("io_uring"),
         inflight: (0..=MAX_QUEUE_LOG2)
-            .map(|l| Arc::new(InflightRegion::create(1, 1 << l).expect("inflight region")))
+            .map(|l| Arc::new(InflightRegion::create(1, 1 << l, 1).expect("inflight region")))
             .collect(),
     });
+}
+
+fn call_eventfd() -> std::fs::File {
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: plain syscall; the fd is checked and then owned by the File.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0, "eventfd");
+    // SAFETY: a fresh fd owned by nobody else.
+    unsafe { std::fs::File::from_raw_fd(fd) }
 }
 
 /// `VUBD_FUZZ_TRACE=1` prints what each input did (to check seeds by hand).
@@ -383,7 +410,7 @@ fn trace() -> bool {
 }
 
 /// Phase 1: parse every offered chain and check the parser's promises.
-fn parse_all(mem: &GuestMemoryMmap, mut q: Queue, disk: &Disk) {
+fn parse_all(mem: &GuestMemoryMmap, mut q: Queue, model: &DeviceModel) {
     let mut parser = Parser::default();
     let mut req = Request::default();
     for _ in 0..q.size() {
@@ -394,7 +421,7 @@ fn parse_all(mem: &GuestMemoryMmap, mut q: Queue, disk: &Disk) {
         // virtio-queue's walker (what the parser was first written against)...
         let r = parser.parse(chain, mem, &mut req);
         if r.is_ok() {
-            let _ = req.check(disk);
+            let _ = check(&req, model);
         }
         // ...and vubd's own, which the poller uses.
         let chain = Chain::new(mem, GuestAddress(q.desc_table()), q.size(), head);
@@ -405,7 +432,7 @@ fn parse_all(mem: &GuestMemoryMmap, mut q: Queue, disk: &Disk) {
                 req.kind(),
                 req.sector(),
                 req.data_len(),
-                r.ok().map(|_| req.check(disk))
+                r.ok().map(|_| check(&req, model))
             );
         }
         match r {
@@ -419,27 +446,26 @@ fn parse_all(mem: &GuestMemoryMmap, mut q: Queue, disk: &Disk) {
                 let sum: u64 = req.data().iter().map(|r| u64::from(r.len)).sum();
                 assert_eq!(sum, req.data_len());
                 assert!(req.data().iter().all(|r| r.len > 0), "empty data range");
-                if req.check(disk).is_ok() {
+                if check(&req, model) {
+                    let capacity = model.capacity();
                     match req.kind() {
                         RequestType::In | RequestType::Out => {
-                            assert!(req.offset() + req.data_len() <= disk.capacity);
-                            assert!(!(req.kind() == RequestType::Out && disk.read_only));
+                            assert!(req.offset() + req.data_len() <= capacity);
+                            assert!(!(req.kind() == RequestType::Out && model.read_only()));
                         }
                         RequestType::Discard | RequestType::WriteZeroes => {
                             let s = req.segment();
-                            assert!(!disk.read_only);
-                            assert!(
-                                (s.sector << 9) + (u64::from(s.num_sectors) << 9) <= disk.capacity
-                            );
+                            assert!(!model.read_only());
+                            assert!((s.sector << 9) + (u64::from(s.num_sectors) << 9) <= capacity);
                         }
                         RequestType::Unsupported(_) => panic!("unsupported request accepted"),
                         RequestType::Flush | RequestType::GetId => {}
                     }
                 }
             }
-            Err(ParseError::Status(_, _)) => {
-                // The poller completes such a request at this address.
-                let status = parser.status_addr().expect("status known on Status error");
+            Err(ParseError::Invalid(_)) => {
+                // The queue completes such a request at this address.
+                let status = parser.status_addr().expect("status known on Invalid error");
                 assert!(mem.check_range(status, 1, Permissions::Write));
             }
             // The poller stops the queue here; so does this phase (a guest cannot make the
@@ -449,44 +475,50 @@ fn parse_all(mem: &GuestMemoryMmap, mut q: Queue, disk: &Disk) {
     }
 }
 
-/// Phase 2: a poller pass as a reactor runs it: poll, notify, arm/disarm, poll again.
-fn poll_pass(
-    input: &Input,
-    mem: Arc<GuestMemoryMmap>,
-    q: Queue,
-    disk: Arc<Disk>,
-    f: &mut Fixtures,
-) {
+/// Phase 2: queue passes as a reactor runs them: poll, end of pass (notification through
+/// the ring), completions, arm/disarm, poll again.
+fn poll_pass(input: &Input, mem: Arc<GuestMemoryMmap>, q: Queue, disk: &Disk, f: &mut Fixtures) {
     let inflight = if input.inflight {
         f.inflight[usize::from(input.queue_log2 % (MAX_QUEUE_LOG2 + 1))].queue(0, q.size())
     } else {
         None
     };
-    let disk_kind = disk.kind();
     let ring = &mut f.ring;
-    let mut p = QueuePoller::new(QueueStart {
-        key: QueueKey {
-            device: 0,
-            queue: 0,
-        },
+    let start = QueueStart {
+        device: Arc::from("fuzz"),
+        index: 0,
         queue: q,
         mem,
-        disk,
-        serial: *b"fuzz-serial\0\0\0\0\0\0\0\0\0",
+        model: Arc::clone(&disk.model),
+        backend: Arc::clone(&disk.backend),
         kick: None,
-        call: Some(new_eventfd().expect("eventfd")),
         inflight,
         resubmit: input.resubmit.iter().take(300).copied().collect(),
-    });
-    p.poll(0, ring);
-    p.notify();
-    p.arm();
-    p.disarm();
-    p.poll(0, ring);
-    p.notify();
+    };
+    let notifier = EventFdNotifier::new(Some(SignalRing::new(&call_eventfd()).expect("call")));
+    let mut p = VirtQueue::new(start, notifier, &mut Ctx::new(ring, 0, 0)).expect("channel");
+    for round in 0..2 {
+        p.poll(&mut Ctx::new(ring, 0, 0));
+        p.end_pass(&mut Ctx::new(ring, 0, 0));
+        ring.submit().expect("submit");
+        let mut done = [(0u64, 0i32); 16];
+        loop {
+            let n = ring.reap_into(&mut done);
+            for &(ud, res) in &done[..n] {
+                p.complete(&mut Ctx::new(ring, 0, 0), ud & ((1 << 48) - 1), res);
+            }
+            if ring.in_flight() == 0 && ring.background() == 0 {
+                break;
+            }
+        }
+        if round == 0 {
+            p.arm();
+            p.disarm();
+        }
+    }
     assert_eq!(p.in_flight(), 0, "null/ram backends complete inline");
     if trace() {
-        eprintln!("poll pass ({}): {:?}", disk_kind, p.stats);
+        eprintln!("poll pass ({}): {:?}", disk.backend.kind(), p.stats());
     }
 }
 
@@ -502,15 +534,17 @@ fuzz_target!(|input: Input| {
         let Some(q) = device_queue(&input, rings) else {
             return;
         };
-        parse_all(&mem, q, &f.null[variant]);
+        parse_all(&mem, q, &f.null[variant].model);
         let q = device_queue(&input, rings).expect("built once already");
-        let null = Arc::clone(&f.null[variant]);
-        poll_pass(&input, Arc::new(mem), q, null, f);
+        let null = std::mem::take(&mut f.null);
+        poll_pass(&input, Arc::new(mem), q, &null[variant], f);
+        f.null = null;
 
         let mem = layout.memory();
         fill(&layout, &mem, &input);
         let q = device_queue(&input, rings).expect("built once already");
-        let ram = Arc::clone(&f.ram[variant]);
-        poll_pass(&input, Arc::new(mem), q, ram, f);
+        let ram = std::mem::take(&mut f.ram);
+        poll_pass(&input, Arc::new(mem), q, &ram[variant], f);
+        f.ram = ram;
     });
 });

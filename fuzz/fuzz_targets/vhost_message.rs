@@ -22,12 +22,10 @@ use std::time::Duration;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vhost::vhost_user::BackendReqHandler;
-use vubd::config::{BackendSpec, DeviceConfig, EngineConfig, PollMode, SocketSpec};
-use vubd::cpuset::CpuSet;
-use vubd::io::Disk;
-use vubd::reactor::Engine;
-use vubd::vhost::device::Device;
-use vubd::vhost::watchdog::Watchdog;
+use vubd::testing::{
+    open_backend, Caps, Device, DeviceModel, Engine, PollMode, Settings, VhostDevice, Watchdog,
+};
+use vubd::BackendSpec;
 
 /// At most this many messages per input.
 const MAX_MESSAGES: usize = 48;
@@ -251,7 +249,11 @@ fn memfd(size: u64) -> File {
 }
 
 fn eventfd() -> File {
-    vubd::reactor::uring::new_eventfd().expect("eventfd")
+    // SAFETY: plain syscall; the fd is checked and then owned by the File.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0, "eventfd");
+    // SAFETY: a fresh fd owned by nobody else.
+    unsafe { File::from_raw_fd(fd) }
 }
 
 fn slot(s: Slot64, base: u64) -> u64 {
@@ -652,11 +654,13 @@ fn usable_cpu() -> usize {
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        Engine::start(&EngineConfig {
-            cpumask: CpuSet::single(usable_cpu()),
-            poll_mode: PollMode::Adaptive,
-            idle_spin: Duration::from_micros(50),
-        })
+        Engine::start(
+            &[usable_cpu()],
+            Settings {
+                mode: PollMode::Adaptive,
+                idle_spin: Duration::from_micros(50),
+            },
+        )
         .expect("engine")
     })
 }
@@ -666,29 +670,21 @@ const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn watchdog() -> &'static Arc<Watchdog> {
     static WATCHDOG: OnceLock<Arc<Watchdog>> = OnceLock::new();
-    WATCHDOG.get_or_init(|| Arc::new(Watchdog::start(MESSAGE_TIMEOUT).expect("watchdog")))
+    WATCHDOG.get_or_init(|| Watchdog::start(MESSAGE_TIMEOUT).expect("watchdog"))
 }
 
-fn device() -> Device {
-    let cfg = DeviceConfig {
-        name: "fuzz".into(),
-        socket: SocketSpec::Fd(-1),
-        backend: BackendSpec::Null { size: 1 << 20 },
-        read_only: false,
-        num_queues: 2,
-        serial: "fuzz-serial".into(),
-        logical_block_size: 512,
-        writethrough: false,
-        cpumask: None,
+/// A 2-queue null device, as the registry builds one.
+fn device() -> VhostDevice {
+    let backend = open_backend(&BackendSpec::Null { size: 1 << 20 }, false).expect("null");
+    let model = DeviceModel::new(1 << 20, 512, false, true, "fuzz-serial", Caps::ALL, 2);
+    let device = Device {
+        name: Arc::from("fuzz"),
+        model: Arc::new(model),
+        backend,
+        reactors: engine().reactors().to_vec(),
+        queues: Default::default(),
     };
-    let disk = Disk::open(&cfg).expect("null disk");
-    Device::new(
-        0,
-        cfg,
-        disk,
-        engine().reactors().to_vec(),
-        Arc::clone(watchdog()),
-    )
+    VhostDevice::new(Arc::new(device), 0, Arc::clone(watchdog()))
 }
 
 fuzz_target!(|msgs: Vec<Msg>| {
@@ -730,7 +726,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
     // look like several), so this bound is never the one that ends the loop.
     for _ in 0..sent_bytes / 12 + 2 {
         // As the control thread serves a message: under the watchdog.
-        let (r, timed_out) = watchdog().guard(&sock, || handler.handle_request());
+        let (r, timed_out) = watchdog().guard(0, &sock, || handler.handle_request());
         assert!(
             !timed_out,
             "one message took longer than {MESSAGE_TIMEOUT:?}: {r:?}"

@@ -1,11 +1,14 @@
-//! One vhost-user-blk device as the control thread sees it: negotiation, memory table,
-//! vring setup, config space. Implements the vhost crate's request handler; every value a
-//! frontend sends is checked here before anything reaches a reactor.
+//! One vhost-user connection's view of a block device: negotiation, memory table, vring
+//! setup, config space. Implements the vhost crate's request handler; every value a frontend
+//! sends is checked here before anything reaches a reactor.
 
+use std::any::Any;
 use std::fs::File;
+use std::os::unix::io::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::guestmem::GuestMemoryMmap;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -15,37 +18,74 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::vring::Vring;
 use super::watchdog::Watchdog;
-use crate::config::DeviceConfig;
-use crate::io::Disk;
-use crate::reactor::message::{Message, QueueKey, QueueStart};
-use crate::reactor::ReactorHandle;
-use crate::virtio_blk::features::{bit, device_features, protocol_features};
+use crate::blk::queues::RunningQueue;
+use crate::blk::stats::IoStats;
+use crate::blk::Device;
+use crate::engine::eventfd::is_eventfd;
+use crate::engine::{Poller, PollerId};
+use crate::virtio_blk::config;
+use crate::virtio_blk::features::{bit, device_features};
 use crate::virtio_blk::features::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio_blk::inflight::InflightRegion;
-use crate::virtio_blk::{config, ID_BYTES};
+use crate::virtio_blk::notify::{CallFdError, EventFdNotifier, SignalRing};
+use crate::virtio_blk::queue::{QueueStart, QueueStopped, VirtQueue};
 
 /// Largest virtqueue accepted (QEMU's limit for vhost-user-blk).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
-/// How long the control thread waits for a reactor to drain a queue before giving up on it.
+/// How long a connection waits for a reactor to drain a queue before giving up on it. Only
+/// this device's connection waits: other devices have threads of their own.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The queue type vhost-user runs on reactors.
+type UserQueue = VirtQueue<EventFdNotifier>;
+
+/// vhost-user protocol features. Never STATUS: the vhost crate has no handler for it.
+/// REPLY_ACK is added by the crate itself. INFLIGHT_SHMFD lets a frontend that reconnects to a
+/// restarted vubd have its in-flight requests resubmitted.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+}
+
+/// The virtio features a vhost-user device offers.
+fn features(device: &Device) -> u64 {
+    device_features(&device.model) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+/// A call fd, checked and set up to be signalled without ever blocking a reactor.
+fn signal_ring(call: &File) -> Result<SignalRing> {
+    SignalRing::new(call).map_err(|e| match e {
+        CallFdError::NotEventFd => invalid("SET_VRING_CALL with an fd that is not an eventfd"),
+        CallFdError::Ring(e) => {
+            log::warn!("cannot set up the call fd: {e}");
+            Error::ReqHandlerError(e)
+        }
+    })
+}
 
 fn invalid(msg: &'static str) -> Error {
     log::warn!("frontend error: {msg}");
     Error::InvalidOperation(msg)
 }
 
-pub struct Device {
-    id: u32,
-    cfg: DeviceConfig,
-    disk: Arc<Disk>,
-    /// The reactors of this device's core mask; queue i runs on reactors[i % len].
-    reactors: Vec<ReactorHandle>,
-    serial: [u8; ID_BYTES],
+/// Reads a running vhost-user queue's counters (on its reactor).
+fn snapshot(p: &mut dyn Poller) -> Option<(IoStats, u32)> {
+    let any: &mut dyn Any = p;
+    any.downcast_mut::<UserQueue>()
+        .map(|q| (q.stats(), q.in_flight()))
+}
+
+pub struct VhostDevice {
+    device: Arc<Device>,
+    /// The connection's id, for the watchdog.
+    conn: u64,
     acked_features: u64,
     acked_protocol: u64,
     memory: MemoryTable,
@@ -56,27 +96,17 @@ pub struct Device {
     watchdog: Arc<Watchdog>,
 }
 
-impl Device {
-    pub fn new(
-        id: u32,
-        cfg: DeviceConfig,
-        disk: Disk,
-        reactors: Vec<ReactorHandle>,
-        watchdog: Arc<Watchdog>,
-    ) -> Device {
-        let mut serial = [0u8; ID_BYTES];
-        let n = cfg.serial.len().min(ID_BYTES);
-        serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
-        let vrings = (0..cfg.num_queues).map(|_| Vring::default()).collect();
-        Device {
-            id,
-            cfg,
-            disk: Arc::new(disk),
-            reactors,
-            serial,
+impl VhostDevice {
+    pub fn new(device: Arc<Device>, conn: u64, watchdog: Arc<Watchdog>) -> VhostDevice {
+        let vrings = (0..device.model.num_queues())
+            .map(|_| Vring::default())
+            .collect();
+        VhostDevice {
+            device,
+            conn,
             acked_features: 0,
             acked_protocol: 0,
-            memory: MemoryTable::default(),
+            memory: MemoryTable::new(conn),
             vrings,
             inflight: None,
             watchdog,
@@ -84,16 +114,7 @@ impl Device {
     }
 
     pub fn name(&self) -> &str {
-        &self.cfg.name
-    }
-
-    pub fn disk(&self) -> &Disk {
-        &self.disk
-    }
-
-    /// Which reactor serves queue `q`: round-robin over the device's core mask.
-    pub fn placement(&self, q: u16) -> &ReactorHandle {
-        &self.reactors[usize::from(q) % self.reactors.len()]
+        &self.device.name
     }
 
     fn vring(&mut self, index: u32) -> Result<&mut Vring> {
@@ -113,7 +134,7 @@ impl Device {
         let enabled_needed = self.protocol_features_acked();
         let mem = self.memory.snapshot();
         let v = &self.vrings[usize::from(q)];
-        if v.started || v.kick.is_none() || (enabled_needed && !v.enabled) {
+        if v.poller.is_some() || v.kick.is_none() || (enabled_needed && !v.enabled) {
             return Ok(());
         }
         if v.size == 0 || !v.addr_set {
@@ -130,7 +151,7 @@ impl Device {
         if self.inflight.is_some() && inflight.is_none() {
             log::warn!(
                 "device {}: queue {q} is not covered by the inflight region",
-                self.cfg.name
+                self.name()
             );
         }
         let mut resubmit = Vec::new();
@@ -140,11 +161,12 @@ impl Device {
             // libvhost-user does): the frontend's vring base cannot know about them.
             let used = queue.next_used();
             resubmit = t.recover(used);
+            // Fits: at most the queue size (<= 1024) heads are in flight.
             queue.set_next_avail(used.wrapping_add(resubmit.len() as u16));
             if !resubmit.is_empty() {
                 log::info!(
                     "device {}: queue {q}: resubmitting {} in-flight request(s) from before the restart",
-                    self.cfg.name,
+                    self.name(),
                     resubmit.len()
                 );
             }
@@ -155,23 +177,39 @@ impl Device {
             Some(f) => Some(dup(f)?),
             None => None,
         };
-        let call = v.call.as_ref().map(dup).transpose()?;
-        v.started = true;
+        let signal = v.call.as_ref().map(signal_ring).transpose()?;
         let start = QueueStart {
-            key: QueueKey {
-                device: self.id,
-                queue: q,
-            },
+            device: Arc::clone(&self.device.name),
+            index: q,
             queue,
             mem,
-            disk: Arc::clone(&self.disk),
-            serial: self.serial,
+            model: Arc::clone(&self.device.model),
+            backend: Arc::clone(&self.device.backend),
             kick,
-            call,
             inflight,
             resubmit,
         };
-        self.placement(q).send(Message::AddQueue(Box::new(start)));
+        let id = PollerId::next();
+        v.poller = Some(id);
+        let reactor = self.device.placement(q).clone();
+        self.device.queues.started(RunningQueue {
+            index: q,
+            reactor: reactor.clone(),
+            poller: id,
+            snapshot,
+        });
+        reactor.run(move |r| {
+            r.add_poller(id, move |ctx| {
+                let notifier = EventFdNotifier::new(signal);
+                match UserQueue::new(start, notifier, ctx) {
+                    Ok(q) => Some(Box::new(q) as Box<dyn Poller>),
+                    Err(e) => {
+                        log::error!("cannot open the backend channel of queue {q}: {e}");
+                        None
+                    }
+                }
+            })
+        });
         Ok(())
     }
 
@@ -212,23 +250,45 @@ impl Device {
     /// Stops ring `q` if it runs: the reactor drains its in-flight I/O first, so the base we
     /// keep (and GET_VRING_BASE returns) is exact.
     fn stop(&mut self, q: u16) {
-        if !self.vrings[usize::from(q)].started {
+        let Some(id) = self.vrings[usize::from(q)].poller.take() else {
             return;
-        }
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let key = QueueKey {
-            device: self.id,
-            queue: q,
         };
-        self.placement(q)
-            .send(Message::StopQueue { key, reply: tx });
-        let v = &mut self.vrings[usize::from(q)];
-        v.started = false;
-        match self.watchdog.paused(|| rx.recv_timeout(STOP_TIMEOUT)) {
-            Ok(stopped) => v.base = stopped.next_avail,
-            Err(_) => log::error!(
+        let (tx, rx) = crossbeam_channel::bounded::<QueueStopped>(1);
+        self.device.placement(q).run(move |r| {
+            r.stop_poller(
+                id,
+                Box::new(move |p| {
+                    let any: Box<dyn Any> = p;
+                    if let Ok(q) = any.downcast::<UserQueue>() {
+                        let _ = tx.send(q.stopped());
+                    }
+                }),
+            )
+        });
+        match self
+            .watchdog
+            .paused(self.conn, || rx.recv_timeout(STOP_TIMEOUT))
+        {
+            Ok(stopped) => {
+                self.vrings[usize::from(q)].base = stopped.next_avail;
+                self.device.queues.stopped(q, id, &stopped.stats);
+                let s = &stopped.stats;
+                log::info!(
+                    "device {}: queue {q} stopped at avail index {}: {} requests, {} errors, {} notifications",
+                    self.name(),
+                    stopped.next_avail,
+                    s.requests(),
+                    s.error_count(),
+                    s.notifications
+                );
+            }
+            // The queue never started on its reactor (its backend channel failed).
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                self.device.queues.stopped(q, id, &IoStats::default());
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => log::error!(
                 "device {}: queue {q} did not drain within {STOP_TIMEOUT:?}",
-                self.cfg.name
+                self.name()
             ),
         }
     }
@@ -239,32 +299,31 @@ impl Device {
         }
     }
 
-    /// Sends the current memory snapshot to every reactor with a running queue of this
-    /// device and waits until each has applied it.
+    /// Sends the current memory snapshot to every running queue of this connection and waits
+    /// until each reactor has applied it: the frontend may use a new region as soon as its
+    /// message is acknowledged.
     fn publish_memory(&mut self) {
         let Some(mem) = self.memory.snapshot() else {
             return;
         };
         let mut waits = Vec::new();
-        let mut seen = Vec::new();
-        for q in 0..self.vrings.len() as u16 {
-            if !self.vrings[usize::from(q)].started {
-                continue;
-            }
-            let r = self.placement(q);
-            if seen.contains(&r.index) {
-                continue;
-            }
-            seen.push(r.index);
+        for (q, v) in self.vrings.iter().enumerate() {
+            let Some(id) = v.poller else { continue };
+            let mem = Arc::clone(&mem);
             let (tx, rx) = crossbeam_channel::bounded(1);
-            r.send(Message::UpdateMemory {
-                device: self.id,
-                mem: Arc::clone(&mem),
-                reply: tx,
+            // Fits: at most 256 queues.
+            self.device.placement(q as u16).run(move |r| {
+                if let Some(p) = r.poller_mut(id) {
+                    let any: &mut dyn Any = p;
+                    if let Some(q) = any.downcast_mut::<UserQueue>() {
+                        q.set_memory(mem);
+                    }
+                }
+                let _ = tx.send(());
             });
             waits.push(rx);
         }
-        self.watchdog.paused(|| {
+        self.watchdog.paused(self.conn, || {
             for rx in waits {
                 let _ = rx.recv_timeout(STOP_TIMEOUT);
             }
@@ -281,7 +340,7 @@ impl Device {
         }
         self.inflight = None;
         self.acked_features = 0;
-        self.disk.set_writeback(!self.cfg.writethrough);
+        self.device.model.reset();
     }
 
     /// The frontend went away: reset, and forget its memory too. Guest memory stays mapped
@@ -293,7 +352,7 @@ impl Device {
     }
 }
 
-impl VhostUserBackendReqHandlerMut for Device {
+impl VhostUserBackendReqHandlerMut for VhostDevice {
     fn set_owner(&mut self) -> Result<()> {
         Ok(())
     }
@@ -309,14 +368,14 @@ impl VhostUserBackendReqHandlerMut for Device {
     }
 
     fn get_features(&mut self) -> Result<u64> {
-        Ok(device_features(self.cfg.read_only))
+        Ok(features(&self.device))
     }
 
-    fn set_features(&mut self, features: u64) -> Result<()> {
-        if features & !device_features(self.cfg.read_only) != 0 {
+    fn set_features(&mut self, features_acked: u64) -> Result<()> {
+        if features_acked & !features(&self.device) != 0 {
             return Err(invalid("frontend acked features that were not offered"));
         }
-        self.acked_features = features;
+        self.acked_features = features_acked;
         Ok(())
     }
 
@@ -327,7 +386,7 @@ impl VhostUserBackendReqHandlerMut for Device {
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
         self.memory.set_table(ctx, files).map_err(|e| {
-            log::warn!("device {}: SET_MEM_TABLE refused: {e}", self.cfg.name);
+            log::warn!("device {}: SET_MEM_TABLE refused: {e}", self.name());
             Error::InvalidParam
         })?;
         self.publish_memory();
@@ -338,6 +397,7 @@ impl VhostUserBackendReqHandlerMut for Device {
         if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
             return Err(invalid("vring size must be a power of two up to 1024"));
         }
+        // Fits: at most 1024 (checked above).
         self.vring(index)?.size = num as u16;
         Ok(())
     }
@@ -367,6 +427,7 @@ impl VhostUserBackendReqHandlerMut for Device {
 
     fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
         self.vring(index)?;
+        // Fits: vring() checked the index against the queue count (<= 256).
         self.stop(index as u16);
         let v = &mut self.vrings[index as usize];
         // The ring is stopped until the next SET_VRING_KICK.
@@ -377,6 +438,11 @@ impl VhostUserBackendReqHandlerMut for Device {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         let q = u16::from(index);
         self.vring(u32::from(index))?;
+        // The reactor sleeps on it edge-triggered and never reads it: only an eventfd is
+        // sure to behave.
+        if fd.as_ref().is_some_and(|f| !is_eventfd(f.as_fd())) {
+            return Err(invalid("SET_VRING_KICK with an fd that is not an eventfd"));
+        }
         // A new kick fd for a running ring: restart it with the new fd.
         self.stop(q);
         self.vrings[usize::from(q)].kick = Some(fd);
@@ -384,20 +450,17 @@ impl VhostUserBackendReqHandlerMut for Device {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
-        let id = self.id;
-        let started = self.vring(u32::from(index))?.started;
-        if started {
-            let dup = fd
-                .as_ref()
-                .map(File::try_clone)
-                .transpose()
-                .map_err(Error::ReqHandlerError)?;
-            let key = QueueKey {
-                device: id,
-                queue: u16::from(index),
-            };
-            self.placement(u16::from(index))
-                .send(Message::SetCall { key, call: dup });
+        let running = self.vring(u32::from(index))?.poller;
+        let signal = fd.as_ref().map(signal_ring).transpose()?;
+        if let Some(id) = running {
+            self.device.placement(u16::from(index)).run(move |r| {
+                if let Some(p) = r.poller_mut(id) {
+                    let any: &mut dyn Any = p;
+                    if let Some(q) = any.downcast_mut::<UserQueue>() {
+                        q.notifier_mut().set_signal(signal);
+                    }
+                }
+            });
         }
         self.vrings[usize::from(index)].call = fd;
         Ok(())
@@ -425,11 +488,12 @@ impl VhostUserBackendReqHandlerMut for Device {
     }
 
     fn get_queue_num(&mut self) -> Result<u64> {
-        Ok(u64::from(self.cfg.num_queues))
+        Ok(u64::from(self.device.model.num_queues()))
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
         self.vring(index)?.enabled = enable;
+        // Fits: vring() checked the index.
         let q = index as u16;
         if enable {
             self.maybe_start(q)
@@ -445,7 +509,7 @@ impl VhostUserBackendReqHandlerMut for Device {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> Result<Vec<u8>> {
-        let cfg = config::build(&self.disk, self.cfg.num_queues);
+        let cfg = config::build(&self.device.model);
         config::read(&cfg, offset, size)
             .ok_or_else(|| invalid("GET_CONFIG beyond the config space"))
     }
@@ -461,10 +525,10 @@ impl VhostUserBackendReqHandlerMut for Device {
         let on = buf[0] != 0;
         log::info!(
             "device {}: guest set write cache to {}",
-            self.cfg.name,
+            self.name(),
             if on { "writeback" } else { "writethrough" }
         );
-        self.disk.set_writeback(on);
+        self.device.model.set_writeback(on);
         Ok(())
     }
 
@@ -477,12 +541,12 @@ impl VhostUserBackendReqHandlerMut for Device {
     }
 
     fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
-        if msg.num_queues > self.cfg.num_queues || msg.queue_size > MAX_QUEUE_SIZE {
+        if msg.num_queues > self.device.model.num_queues() || msg.queue_size > MAX_QUEUE_SIZE {
             return Err(invalid(
                 "GET_INFLIGHT_FD for more queues or entries than offered",
             ));
         }
-        let region = InflightRegion::create(msg.num_queues, msg.queue_size)
+        let region = InflightRegion::create(msg.num_queues, msg.queue_size, self.conn)
             .map_err(Error::ReqHandlerError)?;
         let file = region.file().try_clone().map_err(Error::ReqHandlerError)?;
         let reply = VhostUserInflight::new(region.mmap_size(), 0, msg.num_queues, msg.queue_size);
@@ -491,7 +555,7 @@ impl VhostUserBackendReqHandlerMut for Device {
     }
 
     fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> Result<()> {
-        if msg.num_queues > self.cfg.num_queues || msg.queue_size > MAX_QUEUE_SIZE {
+        if msg.num_queues > self.device.model.num_queues() || msg.queue_size > MAX_QUEUE_SIZE {
             return Err(invalid(
                 "SET_INFLIGHT_FD for more queues or entries than offered",
             ));
@@ -502,9 +566,10 @@ impl VhostUserBackendReqHandlerMut for Device {
             msg.mmap_size,
             msg.num_queues,
             msg.queue_size,
+            self.conn,
         )
         .map_err(|e| {
-            log::warn!("device {}: SET_INFLIGHT_FD refused: {e}", self.cfg.name);
+            log::warn!("device {}: SET_INFLIGHT_FD refused: {e}", self.name());
             Error::InvalidParam
         })?;
         self.inflight = Some(Arc::new(region));
@@ -522,7 +587,7 @@ impl VhostUserBackendReqHandlerMut for Device {
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<VhostUserMemoryRegionBase>> {
         self.memory.add(region, fd).map_err(|e| {
-            log::warn!("device {}: ADD_MEM_REG refused: {e}", self.cfg.name);
+            log::warn!("device {}: ADD_MEM_REG refused: {e}", self.name());
             Error::InvalidParam
         })?;
         self.publish_memory();
@@ -533,7 +598,7 @@ impl VhostUserBackendReqHandlerMut for Device {
         self.memory
             .remove(region.guest_phys_addr, region.memory_size)
             .map_err(|e| {
-                log::warn!("device {}: REM_MEM_REG refused: {e}", self.cfg.name);
+                log::warn!("device {}: REM_MEM_REG refused: {e}", self.name());
                 Error::InvalidParam
             })?;
         self.publish_memory();

@@ -1,12 +1,18 @@
-//! The frontend's memory table: regions mapped from its fds (MAP_SHARED), published to
-//! reactors as immutable `Arc<GuestMemoryMmap>` snapshots.
+//! The frontend's memory table: regions mapped from its fds (MAP_SHARED, registered with the
+//! SIGBUS table under the connection's id), published to reactors as immutable
+//! `Arc<GuestMemoryMmap>` snapshots.
 
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::GuestAddress;
+
+use crate::guestmem::fault::Owner;
+use crate::guestmem::mapping::Mapping;
+use crate::guestmem::{FrontendBitmap, GuestMemoryMmap, GuestRegionMmap};
 
 /// Slots offered with CONFIGURE_MEM_SLOTS (the number libvhost-user offers on x86).
 pub const MAX_MEM_SLOTS: u64 = 509;
@@ -35,8 +41,9 @@ struct Region {
     mapped: Arc<GuestRegionMmap>,
 }
 
-#[derive(Default)]
 pub struct MemoryTable {
+    /// The connection the mappings belong to (SIGBUS containment).
+    owner: Owner,
     regions: Vec<Region>,
     snapshot: Option<Arc<GuestMemoryMmap>>,
 }
@@ -65,11 +72,34 @@ fn overlaps(a_start: u64, a_size: u64, b_start: u64, b_size: u64) -> bool {
 }
 
 impl MemoryTable {
-    fn map(r: &VhostUserMemoryRegion, file: File) -> Result<Region, MemoryError> {
+    pub fn new(owner: Owner) -> MemoryTable {
+        MemoryTable {
+            owner,
+            regions: Vec::new(),
+            snapshot: None,
+        }
+    }
+
+    fn map(&self, r: &VhostUserMemoryRegion, file: File) -> Result<Region, MemoryError> {
         check_region(r, &file)?;
-        let mmap = r
-            .mmap_region::<()>(file)
-            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        // Fits: check_region made sure the size fits a usize.
+        let len = r.memory_size as usize;
+        let mapping = Arc::new(
+            Mapping::map(&file, r.mmap_offset, len, self.owner)
+                .map_err(|e| MemoryError::Map(e.to_string()))?,
+        );
+        let ptr = mapping.as_ptr();
+        // SAFETY: `ptr` is a live mapping of `len` bytes, read-write and shared, owned by the
+        // `Mapping` that the region's bitmap keeps alive for as long as the region exists;
+        // vm-memory does not own it and never unmaps it.
+        let mmap = unsafe {
+            MmapRegionBuilder::new_with_bitmap(len, FrontendBitmap::new(mapping))
+                .with_raw_mmap_pointer(ptr)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .build()
+        }
+        .map_err(|e| MemoryError::Map(e.to_string()))?;
         let mapped = GuestRegionMmap::new(mmap, GuestAddress(r.guest_phys_addr))
             .ok_or(MemoryError::Invalid)?;
         Ok(Region {
@@ -116,7 +146,7 @@ impl MemoryTable {
     ) -> Result<(), MemoryError> {
         let mut new = Vec::new();
         for (r, f) in regions.iter().zip(files) {
-            Self::insert(&mut new, Self::map(r, f)?)?;
+            Self::insert(&mut new, self.map(r, f)?)?;
         }
         self.publish(new)
     }
@@ -124,7 +154,7 @@ impl MemoryTable {
     /// ADD_MEM_REG.
     pub fn add(&mut self, r: &VhostUserMemoryRegion, file: File) -> Result<(), MemoryError> {
         let mut regions = self.regions.clone();
-        Self::insert(&mut regions, Self::map(r, file)?)?;
+        Self::insert(&mut regions, self.map(r, file)?)?;
         self.publish(regions)
     }
 
@@ -178,7 +208,7 @@ mod tests {
 
     #[test]
     fn translate_add_remove() {
-        let mut t = MemoryTable::default();
+        let mut t = MemoryTable::new(1);
         let r = VhostUserMemoryRegion::new(0x10000, 0x4000, 0x7f00_0000, 0);
         t.add(&r, memfile(0x4000)).unwrap();
         assert_eq!(t.vva_to_gpa(0x7f00_0010, 16), Some(GuestAddress(0x10010)));
@@ -192,7 +222,7 @@ mod tests {
 
     #[test]
     fn hostile_regions_are_refused() {
-        let mut t = MemoryTable::default();
+        let mut t = MemoryTable::new(1);
         let zero = VhostUserMemoryRegion::new(0, 0, 0x1000, 0);
         assert_eq!(t.add(&zero, memfile(0x1000)), Err(MemoryError::Invalid));
         let overflow = VhostUserMemoryRegion::new(u64::MAX - 0xfff, 0x2000, 0x1000, 0);

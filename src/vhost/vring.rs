@@ -1,6 +1,8 @@
-//! What the frontend told us about one virtqueue, kept on the control thread.
+//! What the frontend told us about one virtqueue, kept by its connection.
 
 use std::fs::File;
+
+use crate::engine::PollerId;
 
 #[derive(Default)]
 pub struct Vring {
@@ -16,6 +18,6 @@ pub struct Vring {
     pub kick: Option<Option<File>>,
     pub call: Option<File>,
     pub enabled: bool,
-    /// Running on a reactor.
-    pub started: bool,
+    /// The poller running this ring on its reactor.
+    pub poller: Option<PollerId>,
 }

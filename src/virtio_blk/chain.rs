@@ -14,7 +14,9 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress};
+
+use crate::guestmem::{access, GuestMemoryMmap};
 
 const DESC_SIZE: u64 = 16;
 
@@ -59,10 +61,7 @@ impl<'a> Chain<'a> {
             return None;
         }
         let addr = self.table.checked_add(u64::from(index) * DESC_SIZE)?;
-        self.mem
-            .read_obj::<RawDescriptor>(addr)
-            .ok()
-            .map(Descriptor::from)
+        access::read_obj::<RawDescriptor>(self.mem, addr).map(Descriptor::from)
     }
 }
 
@@ -118,6 +117,7 @@ impl Iterator for Chain<'_> {
 mod tests {
     use super::*;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+    use vm_memory::Bytes;
 
     const N: u16 = VRING_DESC_F_NEXT as u16;
     const I: u16 = VRING_DESC_F_INDIRECT as u16;

@@ -1,6 +1,7 @@
 //! `struct virtio_blk_config`, serialized little-endian at the offsets of the virtio spec.
 
-use crate::io::{Disk, SECTOR_SHIFT};
+use crate::blk::model::MAX_DISCARD_SECTORS;
+use crate::blk::{DeviceModel, SECTOR_SHIFT};
 
 /// Bytes of the config fields vubd fills (through `write_zeroes_may_unmap` and padding);
 /// later fields (secure erase, zoned) read as zero.
@@ -11,17 +12,15 @@ pub const SIZE_MAX: u32 = 1 << 20;
 pub const SEG_MAX: u32 = 254;
 /// One range per DISCARD / WRITE_ZEROES request, as QEMU offers.
 pub const MAX_DISCARD_SEG: u32 = 1;
-/// Largest DISCARD / WRITE_ZEROES range, in sectors (1 GiB).
-pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 
 pub const OFF_WRITEBACK: usize = 32;
 
-pub fn build(disk: &Disk, num_queues: u16) -> [u8; CONFIG_LEN] {
+pub fn build(model: &DeviceModel) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
     let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
-    let lbs = disk.logical_block_size;
+    let lbs = model.logical_block_size();
     let lbs_sectors = lbs >> SECTOR_SHIFT;
-    put(0, &disk.capacity_sectors().to_le_bytes());
+    put(0, &model.capacity_sectors().to_le_bytes());
     put(8, &SIZE_MAX.to_le_bytes());
     put(12, &SEG_MAX.to_le_bytes());
     // geometry (16..20) stays zero: no CHS for a virtio disk.
@@ -31,8 +30,8 @@ pub fn build(disk: &Disk, num_queues: u16) -> [u8; CONFIG_LEN] {
     put(24, &[0u8, 0u8]);
     put(26, &1u16.to_le_bytes());
     put(28, &0u32.to_le_bytes());
-    put(OFF_WRITEBACK, &[u8::from(disk.writeback())]);
-    put(34, &num_queues.to_le_bytes());
+    put(OFF_WRITEBACK, &[u8::from(model.writeback())]);
+    put(34, &model.num_queues().to_le_bytes());
     put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
     put(40, &MAX_DISCARD_SEG.to_le_bytes());
     put(44, &lbs_sectors.to_le_bytes());

@@ -15,6 +15,9 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::io::{AsRawFd, FromRawFd};
+
+use crate::guestmem::fault::Owner;
+use crate::guestmem::mapping::Mapping;
 use std::sync::Arc;
 
 const HEADER: usize = 16;
@@ -30,9 +33,13 @@ pub fn queue_area_size(queue_size: u16) -> usize {
     (HEADER + DESC * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
 }
 
-/// The whole shared region, mapped once; queues hold an `Arc` to it.
+/// The whole shared region, mapped once; queues hold an `Arc` to it. The mapping is a
+/// frontend mapping like guest memory (the frontend holds the fd): registered for SIGBUS
+/// containment under the connection's id.
 #[derive(Debug)]
 pub struct InflightRegion {
+    /// Held for `base`: unmapped (and out of the SIGBUS table) when the region goes.
+    _mapping: Mapping,
     base: *mut u8,
     len: usize,
     file: File,
@@ -40,7 +47,7 @@ pub struct InflightRegion {
     pub queue_size: u16,
 }
 
-// SAFETY: the mapping lives until Drop; each queue's area is written only by the one reactor
+// SAFETY: the mapping lives as long as the region; each queue's area is written only by the one reactor
 // that owns the queue (areas do not overlap), and the control thread touches an area only
 // while its queue is stopped.
 unsafe impl Send for InflightRegion {}
@@ -49,17 +56,28 @@ unsafe impl Sync for InflightRegion {}
 
 impl InflightRegion {
     /// GET_INFLIGHT_FD: a fresh zeroed region in a memfd, each queue's header initialized.
-    pub fn create(num_queues: u16, queue_size: u16) -> io::Result<InflightRegion> {
+    /// The memfd is sealed against shrinking: the frontend gets the fd, but cannot make our
+    /// mapping of it fault.
+    pub fn create(num_queues: u16, queue_size: u16, owner: Owner) -> io::Result<InflightRegion> {
         let len = queue_area_size(queue_size) * usize::from(num_queues);
         // SAFETY: the name is a NUL-terminated literal; the fd is checked below.
-        let fd = unsafe { libc::memfd_create(c"vubd-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"vubd-inflight".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh memfd owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len as u64)?;
-        let region = Self::map(file, 0, len, num_queues, queue_size)?;
+        // SAFETY: plain fcntl on our own memfd.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let region = Self::map(file, 0, len, num_queues, queue_size, owner)?;
         for q in 0..num_queues {
             let area = region.area(q);
             area.write_u16(OFF_VERSION, 1);
@@ -76,6 +94,7 @@ impl InflightRegion {
         size: u64,
         num_queues: u16,
         queue_size: u16,
+        owner: Owner,
     ) -> io::Result<InflightRegion> {
         let need = queue_area_size(queue_size) as u64 * u64::from(num_queues);
         let file_len = file.metadata()?.len();
@@ -92,7 +111,7 @@ impl InflightRegion {
                 "inflight region does not fit its file or its queues",
             ));
         }
-        Self::map(file, offset, need as usize, num_queues, queue_size)
+        Self::map(file, offset, need as usize, num_queues, queue_size, owner)
     }
 
     fn map(
@@ -101,24 +120,12 @@ impl InflightRegion {
         len: usize,
         num_queues: u16,
         queue_size: u16,
+        owner: Owner,
     ) -> io::Result<InflightRegion> {
-        // SAFETY: a new shared mapping of `len` bytes of an fd we hold; no existing memory is
-        // affected; failure is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let mapping = Mapping::map(&file, offset, len, owner)?;
         Ok(InflightRegion {
-            base: p.cast(),
+            base: mapping.as_ptr(),
+            _mapping: mapping,
             len,
             file,
             num_queues,
@@ -136,12 +143,11 @@ impl InflightRegion {
 
     fn area(&self, q: u16) -> Area {
         let size = queue_area_size(self.queue_size);
-        debug_assert!(q < self.num_queues);
-        // SAFETY: q < num_queues, so the area lies inside the mapping.
-        Area {
-            base: unsafe { self.base.add(size * usize::from(q)) },
-            len: size,
-        }
+        // Checked in release builds too: the offset below relies on it.
+        assert!(q < self.num_queues, "inflight queue {q} out of range");
+        // SAFETY: q < num_queues (asserted), so the area lies inside the mapping.
+        let base = unsafe { self.base.add(size * usize::from(q)) };
+        Area { base, len: size }
     }
 
     /// The tracker of queue `q`, if the region covers it with the same queue size.
@@ -155,13 +161,6 @@ impl InflightRegion {
             counter: 1,
             _region: Arc::clone(self),
         })
-    }
-}
-
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created in `map` with this length and is unmapped once.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
@@ -276,7 +275,7 @@ mod tests {
 
     #[test]
     fn tracks_and_recovers_in_submission_order() {
-        let region = Arc::new(InflightRegion::create(2, 8).unwrap());
+        let region = Arc::new(InflightRegion::create(2, 8, 1).unwrap());
         assert_eq!(region.mmap_size(), 2 * 192);
         let mut q = region.queue(1, 8).unwrap();
         assert!(region.queue(2, 8).is_none() && region.queue(0, 16).is_none());
@@ -289,7 +288,7 @@ mod tests {
         q.pre_complete(5);
         // A restarted backend maps the same file.
         let file = region.file().try_clone().unwrap();
-        let again = Arc::new(InflightRegion::open(file, 0, region.mmap_size(), 2, 8).unwrap());
+        let again = Arc::new(InflightRegion::open(file, 0, region.mmap_size(), 2, 8, 1).unwrap());
         let mut q2 = again.queue(1, 8).unwrap();
         assert_eq!(q2.recover(2), vec![7]);
         q2.begin(3);
@@ -302,10 +301,10 @@ mod tests {
 
     #[test]
     fn regions_too_small_for_their_queues_are_refused() {
-        let region = InflightRegion::create(1, 8).unwrap();
+        let region = InflightRegion::create(1, 8, 1).unwrap();
         let f = region.file().try_clone().unwrap();
-        assert!(InflightRegion::open(f, 0, region.mmap_size(), 4, 8).is_err());
+        assert!(InflightRegion::open(f, 0, region.mmap_size(), 4, 8, 1).is_err());
         let f = region.file().try_clone().unwrap();
-        assert!(InflightRegion::open(f, 0, u64::MAX, 1, 8).is_err());
+        assert!(InflightRegion::open(f, 0, u64::MAX, 1, 8, 1).is_err());
     }
 }

@@ -7,10 +7,14 @@ use std::sync::Arc;
 
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
-use crate::io::Disk;
-use crate::reactor::message::{QueueKey, QueueStart};
+use super::notify::EventFdNotifier;
+use super::queue::{QueueStart, VirtQueue};
+use crate::blk::model::Caps;
+use crate::blk::{Backend, DeviceModel};
+use crate::engine::Ctx;
+use crate::guestmem::GuestMemoryMmap;
 
 /// Guest address of the used ring of queues built by [`queue`]: past any mock ring layout
 /// of up to 1024 entries, below the buffers tests place at 1 MiB and up.
@@ -31,28 +35,45 @@ pub fn queue(vq: &MockSplitQueue<GuestMemoryMmap>, size: u16) -> Queue {
     q
 }
 
-/// What a reactor gets to poll `vq` (queue 0 of device 0) on `disk`: no kick or call fd, no
-/// serial, no inflight tracking.
+/// The device model of a test device on `backend`: 512-byte blocks, write-back, `serial`.
+pub fn model(backend: &dyn Backend, serial: &str) -> Arc<DeviceModel> {
+    let info = backend.info();
+    Arc::new(DeviceModel::new(
+        info.size,
+        512,
+        false,
+        true,
+        serial,
+        Caps::ALL,
+        1,
+    ))
+}
+
+/// What a reactor gets to poll `vq` (queue 0 of device "test") on `backend`: no kick or
+/// call fd, no inflight tracking.
 pub fn queue_start(
     vq: &MockSplitQueue<GuestMemoryMmap>,
     size: u16,
     mem: &Arc<GuestMemoryMmap>,
-    disk: Arc<Disk>,
+    backend: Arc<dyn Backend>,
+    serial: &str,
 ) -> QueueStart {
     QueueStart {
-        key: QueueKey {
-            device: 0,
-            queue: 0,
-        },
+        device: Arc::from("test"),
+        index: 0,
         queue: queue(vq, size),
         mem: Arc::clone(mem),
-        disk,
-        serial: [0; crate::virtio_blk::ID_BYTES],
+        model: model(&*backend, serial),
+        backend,
         kick: None,
-        call: None,
         inflight: None,
         resubmit: Vec::new(),
     }
+}
+
+/// The queue poller for `start`, built on the calling thread's test ring.
+pub fn virt_queue(start: QueueStart, ctx: &mut Ctx<'_>) -> VirtQueue<EventFdNotifier> {
+    VirtQueue::new(start, EventFdNotifier::new(None), ctx).expect("backend channel")
 }
 
 /// Offers `heads` on `vq`'s avail ring, wrapping around it as a driver does, and publishes

@@ -1,17 +1,18 @@
-//! The virtio-blk device model: feature bits, config space, request parsing.
+//! The virtqueue front end: descriptor chains from split virtqueues in guest memory become
+//! block requests; completions go back through the used ring and a notifier. The vhost-user
+//! control plane (and later VDUSE) sets queues up and hands them to reactors.
+//!
+//! Owns: chain walking, request parsing and every check the virtio spec asks of a device,
+//! guest memory -> iovecs, INFLIGHT_SHMFD tracking, the virtio-blk feature bits and config
+//! space. Must not import the vhost, registry or backend layers.
 
+pub mod chain;
 pub mod config;
 pub mod features;
-pub mod request;
-
-/// VIRTIO_BLK_S_*: the status byte the device writes last.
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
-
-/// Bytes of the GET_ID answer (VIRTIO_BLK_ID_BYTES).
-pub const ID_BYTES: usize = 20;
-pub mod chain;
 pub mod inflight;
+pub mod iovec;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
-pub mod poller;
+pub mod notify;
+pub mod queue;
+pub mod request;

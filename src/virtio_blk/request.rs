@@ -4,12 +4,13 @@
 //! the chain is not truncated and lengths do not overflow.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
-use super::config::{MAX_DISCARD_SECTORS, SEG_MAX};
-use super::{S_IOERR, S_UNSUPP};
-use crate::io::iovec::{GuestRange, MAX_IOVECS};
-use crate::io::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
+use crate::guestmem::{access, GuestMemoryMmap};
+
+use super::config::SEG_MAX;
+use super::iovec::{GuestRange, MAX_IOVECS};
+use crate::blk::{BlockError, DeviceModel, Op, SECTOR_SHIFT};
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -61,8 +62,8 @@ pub enum ParseError {
     /// No usable status byte (truncated chain, no writable descriptor, status outside
     /// memory): the request cannot be completed, the queue must stop.
     Fatal(&'static str),
-    /// The status byte is known: complete with this status.
-    Status(u8, &'static str),
+    /// The status byte is known: complete with VIRTIO_BLK_S_IOERR.
+    Invalid(&'static str),
 }
 
 /// A parsed request. Reused across requests so parsing allocates nothing once warm.
@@ -109,54 +110,35 @@ impl Request {
         self.sector << SECTOR_SHIFT
     }
 
-    /// Checks the request against the disk: ranges inside the capacity with checked
-    /// arithmetic, lengths and offsets aligned to the logical block size, no writes to a
-    /// read-only disk. Returns the status to complete with on failure.
-    pub fn check(&self, disk: &Disk) -> Result<(), (u8, &'static str)> {
-        let lbs = u64::from(disk.logical_block_size);
-        let in_range = |sector: u64, bytes: u64| -> Result<(), (u8, &'static str)> {
-            let start = sector
-                .checked_mul(SECTOR_SIZE)
-                .ok_or((S_IOERR, "sector overflows"))?;
-            if !start.is_multiple_of(lbs) || !bytes.is_multiple_of(lbs) {
-                return Err((S_IOERR, "not aligned to the logical block size"));
-            }
-            let end = start
-                .checked_add(bytes)
-                .ok_or((S_IOERR, "range overflows"))?;
-            if end > disk.capacity {
-                return Err((S_IOERR, "beyond the end of the disk"));
-            }
-            Ok(())
+    /// What the block core is asked to do: the op, byte offset and byte length. Checks
+    /// what only virtio-blk defines (segment flags, sector arithmetic); the device model
+    /// checks the rest.
+    pub fn block_op(&self, model: &DeviceModel) -> Result<(Op, u64, u64), BlockError> {
+        let bytes = |sector: u64| {
+            sector
+                .checked_mul(1 << SECTOR_SHIFT)
+                .ok_or(BlockError::Overflow)
         };
         match self.kind() {
-            RequestType::In => in_range(self.sector, self.data_len),
-            RequestType::Out => {
-                if disk.read_only {
-                    return Err((S_IOERR, "write to a read-only disk"));
-                }
-                in_range(self.sector, self.data_len)
-            }
+            RequestType::In => Ok((Op::Read, bytes(self.sector)?, self.data_len)),
+            RequestType::Out => Ok((model.write_op(), bytes(self.sector)?, self.data_len)),
+            RequestType::Flush => Ok((Op::Flush, 0, 0)),
             RequestType::Discard | RequestType::WriteZeroes => {
-                if disk.read_only {
-                    return Err((S_IOERR, "discard or write-zeroes on a read-only disk"));
-                }
                 let s = self.segment;
-                let allowed = if self.kind() == RequestType::Discard {
-                    0
-                } else {
-                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                let unmap = s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                let op = match self.kind() {
+                    RequestType::Discard if s.flags == 0 => Op::Discard,
+                    RequestType::WriteZeroes
+                        if s.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP == 0 =>
+                    {
+                        Op::WriteZeroes { unmap }
+                    }
+                    _ => return Err(BlockError::Unsupported),
                 };
-                if s.flags & !allowed != 0 {
-                    return Err((S_UNSUPP, "unsupported segment flags"));
-                }
-                if s.num_sectors > MAX_DISCARD_SECTORS {
-                    return Err((S_IOERR, "segment larger than the advertised limit"));
-                }
-                in_range(s.sector, u64::from(s.num_sectors) << SECTOR_SHIFT)
+                let len = u64::from(s.num_sectors) << SECTOR_SHIFT;
+                Ok((op, bytes(s.sector)?, len))
             }
-            RequestType::Flush | RequestType::GetId => Ok(()),
-            RequestType::Unsupported(_) => Err((S_UNSUPP, "unsupported request type")),
+            RequestType::GetId | RequestType::Unsupported(_) => Err(BlockError::Unsupported),
         }
     }
 }
@@ -229,17 +211,16 @@ impl Parser {
         trim_back(&mut self.writable, 1);
 
         if readable_after_writable {
-            return Err(ParseError::Status(
-                S_IOERR,
+            return Err(ParseError::Invalid(
                 "readable descriptor after a writable one",
             ));
         }
         if too_many {
-            return Err(ParseError::Status(S_IOERR, "too many descriptors"));
+            return Err(ParseError::Invalid("too many descriptors"));
         }
         let mut header = [0u8; HEADER_LEN as usize];
         read_front(mem, &self.readable, &mut header)
-            .map_err(|_| ParseError::Status(S_IOERR, "header missing or outside guest memory"))?;
+            .map_err(|_| ParseError::Invalid("header missing or outside guest memory"))?;
         let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
         req.sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         req.kind = Some(RequestType::from(kind));
@@ -257,11 +238,11 @@ impl Parser {
                 let total: u64 = self.readable.iter().map(|r| u64::from(r.len)).sum();
                 if total != SEGMENT_LEN {
                     // One segment per request is what the config space offers.
-                    return Err(ParseError::Status(S_IOERR, "expected exactly one segment"));
+                    return Err(ParseError::Invalid("expected exactly one segment"));
                 }
                 let mut seg = [0u8; SEGMENT_LEN as usize];
                 read_front(mem, &self.readable, &mut seg)
-                    .map_err(|_| ParseError::Status(S_IOERR, "segment outside guest memory"))?;
+                    .map_err(|_| ParseError::Invalid("segment outside guest memory"))?;
                 req.segment = Segment {
                     sector: u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes")),
                     num_sectors: u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes")),
@@ -327,8 +308,9 @@ fn read_front(mem: &GuestMemoryMmap, ranges: &[GuestRange], out: &mut [u8]) -> R
             break;
         }
         let n = (out.len() - done).min(r.len as usize);
-        mem.read_slice(&mut out[done..done + n], r.addr)
-            .map_err(|_| ())?;
+        if !access::read_bytes(mem, r.addr, &mut out[done..done + n]) {
+            return Err(());
+        }
         done += n;
     }
     if done == out.len() {
@@ -341,12 +323,14 @@ fn read_front(mem: &GuestMemoryMmap, ranges: &[GuestRange], out: &mut [u8]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendSpec, DeviceConfig, SocketSpec};
+    use crate::blk::model::Caps;
+    use crate::blk::BlockRequest;
     use virtio_bindings::bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Bytes;
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
     const N: u16 = VRING_DESC_F_NEXT as u16;
@@ -376,13 +360,19 @@ mod tests {
         (r, req)
     }
 
-    fn disk(read_only: bool, lbs: u32) -> Disk {
-        Disk::open(&DeviceConfig {
-            read_only,
-            logical_block_size: lbs,
-            ..DeviceConfig::new("t", SocketSpec::Fd(-1), BackendSpec::Null { size: 1 << 20 })
+    fn disk(read_only: bool, lbs: u32) -> DeviceModel {
+        DeviceModel::new(1 << 20, lbs, read_only, true, "", Caps::ALL, 1)
+    }
+
+    /// What the front end checks before a backend sees the request.
+    fn check(req: &Request, model: &DeviceModel) -> Result<(), BlockError> {
+        let (op, offset, len) = req.block_op(model)?;
+        model.check(&BlockRequest {
+            op,
+            offset,
+            len,
+            ..BlockRequest::default()
         })
-        .unwrap()
     }
 
     #[test]
@@ -404,7 +394,7 @@ mod tests {
         assert_eq!(req.data_len(), 1536);
         assert_eq!(req.data().len(), 2);
         assert_eq!(req.status_addr(), GuestAddress(STATUS));
-        assert!(req.check(&disk(false, 512)).is_ok());
+        assert!(check(&req, &disk(false, 512)).is_ok());
     }
 
     #[test]
@@ -445,8 +435,8 @@ mod tests {
                 flags: 0
             }
         );
-        assert!(req.check(&disk(false, 512)).is_ok());
-        assert_eq!(req.check(&disk(true, 512)).unwrap_err().0, S_IOERR);
+        assert!(check(&req, &disk(false, 512)).is_ok());
+        assert_eq!(check(&req, &disk(true, 512)), Err(BlockError::ReadOnly));
     }
 
     #[test]
@@ -476,8 +466,7 @@ mod tests {
         let (r, _) = parse(&m, &[desc(HDR, 16, W), desc(STATUS, 1, W)]);
         assert_eq!(
             r,
-            Err(ParseError::Status(
-                S_IOERR,
+            Err(ParseError::Invalid(
                 "header missing or outside guest memory"
             ))
         );
@@ -496,14 +485,14 @@ mod tests {
                 desc(STATUS, 1, W),
             ],
         );
-        assert!(matches!(r, Err(ParseError::Status(S_IOERR, _))), "{r:?}");
+        assert!(matches!(r, Err(ParseError::Invalid(_))), "{r:?}");
     }
 
     #[test]
     fn header_outside_memory_fails_with_ioerr() {
         let m = mem();
         let (r, _) = parse(&m, &[desc(0x1000_0000, 16, 0), desc(STATUS, 1, W)]);
-        assert!(matches!(r, Err(ParseError::Status(S_IOERR, _))));
+        assert!(matches!(r, Err(ParseError::Invalid(_))));
     }
 
     #[test]
@@ -610,26 +599,26 @@ mod tests {
             &[desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)],
         );
         r.unwrap();
-        assert_eq!(req.check(&d), Err((S_IOERR, "beyond the end of the disk")));
+        assert_eq!(check(&req, &d), Err(BlockError::OutOfRange));
         header(&m, VIRTIO_BLK_T_IN, u64::MAX / 2);
         let (_, req) = parse(
             &m,
             &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
         );
-        assert_eq!(req.check(&d), Err((S_IOERR, "sector overflows")));
+        assert_eq!(check(&req, &d), Err(BlockError::Overflow));
         header(&m, VIRTIO_BLK_T_IN, 0);
         let (_, req) = parse(
             &m,
             &[desc(HDR, 16, 0), desc(DATA, 100, W), desc(STATUS, 1, W)],
         );
-        assert_eq!(req.check(&d).unwrap_err().0, S_IOERR);
+        assert_eq!(check(&req, &d), Err(BlockError::Unaligned));
         let (_, req) = parse(
             &m,
             &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
         );
         assert_eq!(
-            req.check(&disk(false, 4096)).unwrap_err().0,
-            S_IOERR,
+            check(&req, &disk(false, 4096)),
+            Err(BlockError::Unaligned),
             "512 B on a 4K disk"
         );
         header(&m, VIRTIO_BLK_T_OUT, 0);
@@ -637,13 +626,13 @@ mod tests {
             &m,
             &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
         );
-        assert_eq!(
-            req.check(&disk(true, 512)),
-            Err((S_IOERR, "write to a read-only disk"))
-        );
+        assert_eq!(check(&req, &disk(true, 512)), Err(BlockError::ReadOnly));
         header(&m, 77, 0);
         let (_, req) = parse(&m, &[desc(HDR, 16, 0), desc(STATUS, 1, W)]);
         assert_eq!(req.kind(), RequestType::Unsupported(77));
-        assert_eq!(req.check(&d).unwrap_err().0, S_UNSUPP);
+        assert_eq!(
+            check(&req, &d).unwrap_err().status(),
+            crate::blk::error::status::UNSUPP
+        );
     }
 }

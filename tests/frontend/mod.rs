@@ -148,7 +148,7 @@ pub struct Reply {
     pub files: Vec<File>,
 }
 
-fn eventfd() -> File {
+pub fn eventfd() -> File {
     // SAFETY: plain syscall; fd checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     assert!(fd >= 0);
@@ -378,6 +378,19 @@ impl Ring {
         size: u16,
         base: u16,
     ) -> Option<Ring> {
+        Ring::setup_with(fe, mem, q, size, base, eventfd(), eventfd())
+    }
+
+    /// `setup` with the kick and call fds given (a hostile frontend's choice).
+    pub fn setup_with(
+        fe: &mut Frontend,
+        mem: &GuestMemory,
+        q: u32,
+        size: u16,
+        base: u16,
+        kick: File,
+        call: File,
+    ) -> Option<Ring> {
         let area = RING_AREA * (u64::from(q) + 1);
         let ring = Ring {
             q,
@@ -385,8 +398,8 @@ impl Ring {
             desc: area,
             avail: area + 0x1000,
             used: area + 0x2000,
-            kick: eventfd(),
-            call: eventfd(),
+            kick,
+            call,
             avail_idx: base,
             next_free: 0,
         };

@@ -37,15 +37,16 @@ pub fn ticks_to_duration(t: u64) -> Duration {
     Duration::from_secs_f64(t as f64 / ticks_per_sec() as f64)
 }
 
+/// One reactor's time and sleep accounting: plain counters, written only by the reactor and
+/// copied out by message.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReactorStats {
     pub busy_ticks: u64,
     pub idle_ticks: u64,
     pub sleeps: u64,
     pub sleep_ticks: u64,
-    pub requests: u64,
-    pub errors: u64,
-    pub notifications: u64,
+    /// Sleeps that ended because a wake-up fd fired (the rest timed out).
+    pub wakeups: u64,
 }
 
 impl ReactorStats {
@@ -57,5 +58,30 @@ impl ReactorStats {
         } else {
             100.0 * self.busy_ticks as f64 / awake as f64
         }
+    }
+}
+
+/// Converts TSC ticks to nanoseconds with one multiply: `ns = ticks * mult >> 32`.
+#[derive(Clone, Copy, Debug)]
+pub struct TickScale {
+    mult: u64,
+}
+
+impl TickScale {
+    pub fn new() -> TickScale {
+        TickScale {
+            mult: ((1_000_000_000u128 << 32) / u128::from(ticks_per_sec())) as u64,
+        }
+    }
+
+    #[inline]
+    pub fn to_ns(self, ticks: u64) -> u64 {
+        ((u128::from(ticks) * u128::from(self.mult)) >> 32) as u64
+    }
+}
+
+impl Default for TickScale {
+    fn default() -> Self {
+        TickScale::new()
     }
 }

@@ -1,33 +1,27 @@
-//! The reactor's io_uring: one per reactor, fed by every queue the reactor owns, submitted
+//! The reactor's io_uring: one per reactor, fed by every poller the reactor owns, submitted
 //! once per loop iteration, with a registered eventfd that is only enabled while sleeping.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::unix::io::AsRawFd;
 
 use io_uring::{squeue, IoUring};
+
+use super::eventfd::EventFd;
+use super::poller::BACKGROUND;
 
 pub const RING_ENTRIES: u32 = 256;
 
 pub struct Uring {
     ring: IoUring,
-    eventfd: File,
+    eventfd: EventFd,
     /// SQEs pushed but not yet submitted.
     pending: u32,
-    /// SQEs submitted whose CQE has not been reaped.
+    /// Requests pushed whose CQE has not been reaped.
     in_flight: u32,
-    /// Never more requests outstanding than the CQ holds: back-pressure, not overflow.
+    /// Background operations (notifications) pushed whose CQE has not been reaped.
+    background: u32,
+    /// Never more operations outstanding than the CQ holds: back-pressure, not overflow.
     limit: u32,
-}
-
-pub fn new_eventfd() -> io::Result<File> {
-    // SAFETY: plain syscall; the returned fd is checked and then owned by the File.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh eventfd nobody else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 impl Uring {
@@ -35,7 +29,7 @@ impl Uring {
         let ring = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 2)
             .build(RING_ENTRIES)?;
-        let eventfd = new_eventfd()?;
+        let eventfd = EventFd::new()?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let limit = ring.params().cq_entries();
         let u = Uring {
@@ -43,23 +37,26 @@ impl Uring {
             eventfd,
             pending: 0,
             in_flight: 0,
+            background: 0,
             limit,
         };
         u.disable_eventfd();
         Ok(u)
     }
 
-    pub fn eventfd(&self) -> &File {
+    pub fn eventfd(&self) -> &EventFd {
         &self.eventfd
     }
 
-    /// How many more requests may be pushed before the CQ could overflow.
+    /// How many more operations may be pushed before the CQ could overflow.
     pub fn room(&self) -> u32 {
-        self.limit - self.in_flight - self.pending
+        self.limit - self.in_flight - self.background
     }
 
+    /// Requests the kernel has (or is about to get) whose completions the reactor waits for.
+    /// Background operations are not counted: a frontend decides when they complete.
     pub fn in_flight(&self) -> u32 {
-        self.in_flight + self.pending
+        self.in_flight
     }
 
     /// SQEs pushed but not yet accepted by the kernel (a failed or partial submit).
@@ -80,6 +77,11 @@ impl Uring {
                 .map_err(|_| io::Error::other("submission queue full after submit"))?;
         }
         self.pending += 1;
+        if sqe.get_user_data() & BACKGROUND != 0 {
+            self.background += 1;
+        } else {
+            self.in_flight += 1;
+        }
         Ok(())
     }
 
@@ -90,9 +92,7 @@ impl Uring {
         }
         match self.ring.submit() {
             Ok(n) => {
-                let n = n as u32;
-                self.pending -= n.min(self.pending);
-                self.in_flight += n;
+                self.pending -= (n as u32).min(self.pending);
                 Ok(())
             }
             // The kernel is short of resources or the CQ is busy: try again next iteration.
@@ -103,13 +103,40 @@ impl Uring {
 
     /// Hands every available completion to `f(user_data, result)`; returns how many.
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) -> u32 {
+        let mut buf = [(0u64, 0i32); 32];
+        let mut total = 0;
+        loop {
+            let n = self.reap_into(&mut buf);
+            for &(ud, res) in &buf[..n] {
+                f(ud, res);
+            }
+            total += n as u32;
+            if n < buf.len() {
+                return total;
+            }
+        }
+    }
+
+    /// Fills `out` with up to its length of completions, `(user_data, result)`; returns how
+    /// many. Unlike `reap`, nothing of the ring is borrowed while the caller handles them.
+    pub fn reap_into(&mut self, out: &mut [(u64, i32)]) -> usize {
         let mut n = 0;
-        for cqe in self.ring.completion() {
-            f(cqe.user_data(), cqe.result());
+        for cqe in self.ring.completion().take(out.len()) {
+            let ud = cqe.user_data();
+            if ud & BACKGROUND != 0 {
+                self.background = self.background.saturating_sub(1);
+            } else {
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+            out[n] = (ud, cqe.result());
             n += 1;
         }
-        self.in_flight -= n.min(self.in_flight);
         n
+    }
+
+    /// Background operations not yet completed.
+    pub fn background(&self) -> u32 {
+        self.background
     }
 
     pub fn has_completions(&mut self) -> bool {

@@ -1,0 +1,389 @@
+//! One reactor: a pinned thread that owns its pollers and its io_uring outright and runs
+//! them in a loop, SPDK's `_reactor_run`: messages, completions, one pass over every poller,
+//! one submission; then busy/idle accounting and, when idle long enough, sleep.
+
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, TryRecvError};
+
+use super::epoll::Epoll;
+use super::eventfd::EventFd;
+use super::poller::{split_user_data, Armed, Ctx, Poller, PollerId};
+use super::stats::{duration_to_ticks, ticks, ReactorStats};
+use super::uring::Uring;
+use super::{Message, PollMode, Settings};
+
+/// Adaptive mode's spin while waiting only for io_uring completions; see `io_spin_ticks`.
+const IO_SPIN: Duration = Duration::from_micros(5);
+
+const TOKEN_MESSAGE: u64 = u64::MAX;
+const TOKEN_URING: u64 = u64::MAX - 1;
+
+/// Called on the reactor with the poller once it has drained and left the reactor.
+pub type OnStopped = Box<dyn FnOnce(Box<dyn Poller>) + Send>;
+
+struct Slot {
+    id: PollerId,
+    poller: Box<dyn Poller>,
+    wake_fds: Vec<RawFd>,
+    on_stopped: Option<OnStopped>,
+}
+
+pub struct Reactor {
+    index: usize,
+    cpu: usize,
+    mode: PollMode,
+    idle_spin: Duration,
+    idle_spin_ticks: u64,
+    /// Spin while only the kernel has work (I/O in flight, pollers idle): short, because a
+    /// completion is worth a wakeup but not a core.
+    io_spin_ticks: u64,
+    rx: Receiver<Message>,
+    wake: Arc<EventFd>,
+    ring: Uring,
+    epoll: Epoll,
+    /// Slot index = io_uring user data high bits; a slot is reused only after its poller has
+    /// drained, so no stale CQE can reach a new poller.
+    slots: Vec<Option<Slot>>,
+    stats: ReactorStats,
+    shutting_down: bool,
+}
+
+impl Reactor {
+    pub(super) fn new(
+        index: usize,
+        cpu: usize,
+        settings: Settings,
+        rx: Receiver<Message>,
+        wake: Arc<EventFd>,
+    ) -> std::io::Result<Reactor> {
+        // Built on the reactor's own thread: its state never crosses threads.
+        let ring = Uring::new()?;
+        // Edge-triggered: a kick fd is never read (a frontend may have made it blocking),
+        // and each write to an eventfd raises a new edge.
+        let epoll = Epoll::new()?;
+        epoll.add_edge(wake.as_raw_fd(), TOKEN_MESSAGE)?;
+        epoll.add_edge(ring.eventfd().as_raw_fd(), TOKEN_URING)?;
+        let mut r = Reactor {
+            index,
+            cpu,
+            mode: settings.mode,
+            idle_spin: settings.idle_spin,
+            idle_spin_ticks: 0,
+            io_spin_ticks: 0,
+            rx,
+            wake,
+            ring,
+            epoll,
+            slots: Vec::new(),
+            stats: ReactorStats::default(),
+            shutting_down: false,
+        };
+        r.set_mode(settings);
+        Ok(r)
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn cpu(&self) -> usize {
+        self.cpu
+    }
+
+    pub fn stats(&self) -> ReactorStats {
+        self.stats
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            mode: self.mode,
+            idle_spin: self.idle_spin,
+        }
+    }
+
+    /// Changes the poll mode and idle spin; takes effect at the next loop iteration.
+    pub fn set_mode(&mut self, s: Settings) {
+        self.mode = s.mode;
+        self.idle_spin = s.idle_spin;
+        self.idle_spin_ticks = duration_to_ticks(s.idle_spin);
+        self.io_spin_ticks = duration_to_ticks(s.idle_spin.min(IO_SPIN));
+    }
+
+    /// How many pollers run here (stopping ones included).
+    pub fn poller_count(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// Adds a poller built on this thread by `make` (which may submit to the ring through
+    /// its context; `None` if it could not be built). Its wake-up fds join the reactor's
+    /// sleep set.
+    pub fn add_poller(
+        &mut self,
+        id: PollerId,
+        make: impl FnOnce(&mut Ctx<'_>) -> Option<Box<dyn Poller>>,
+    ) {
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let mut ctx = Ctx::new(&mut self.ring, slot, self.index);
+        let Some(poller) = make(&mut ctx) else {
+            return;
+        };
+        let wake_fds = poller.wake_fds();
+        for &fd in &wake_fds {
+            if let Err(e) = self.epoll.add_edge(fd, slot as u64) {
+                log::warn!("reactor_{}: cannot watch fd {fd}: {e}", self.index);
+            }
+        }
+        log::info!(
+            "reactor_{} (cpu {}): polling {}",
+            self.index,
+            self.cpu,
+            poller.describe()
+        );
+        self.slots[slot] = Some(Slot {
+            id,
+            poller,
+            wake_fds,
+            on_stopped: None,
+        });
+    }
+
+    /// The running poller `id`, if it is here and not stopping.
+    pub fn poller_mut(&mut self, id: PollerId) -> Option<&mut dyn Poller> {
+        self.slots
+            .iter_mut()
+            .flatten()
+            .find(|s| s.id == id && s.on_stopped.is_none())
+            .map(|s| &mut *s.poller)
+    }
+
+    /// Asks poller `id` to stop; `on_stopped` gets it once drained. A poller that is not here
+    /// (never started, or already stopping) is not waited for: `on_stopped` is dropped.
+    pub fn stop_poller(&mut self, id: PollerId, on_stopped: OnStopped) {
+        let index = self.index;
+        let Some((slot, s)) = self
+            .slots
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, s)| s.as_mut().filter(|s| s.id == id).map(|s| (i, s)))
+        else {
+            return;
+        };
+        if s.on_stopped.is_some() {
+            return;
+        }
+        s.on_stopped = Some(on_stopped);
+        let mut ctx = Ctx::new(&mut self.ring, slot, index);
+        s.poller.stop(&mut ctx);
+    }
+
+    pub(super) fn run(mut self) -> ReactorStats {
+        if !crate::cpuset::pin_current_thread(self.cpu) {
+            log::warn!("reactor_{}: could not pin to cpu {}", self.index, self.cpu);
+        }
+        log::debug!("reactor_{} running on cpu {}", self.index, self.cpu);
+        let mut last = ticks();
+        let mut idle_since: Option<u64> = None;
+        loop {
+            let mut work = self.handle_messages();
+            if self.shutting_down && self.slots.iter().all(Option::is_none) {
+                break;
+            }
+            work += self.reap();
+            for slot in 0..self.slots.len() {
+                let index = self.index;
+                if let Some(s) = self.slots[slot].as_mut() {
+                    let mut ctx = Ctx::new(&mut self.ring, slot, index);
+                    work += s.poller.poll(&mut ctx);
+                }
+            }
+            self.end_pass();
+            if let Err(e) = self.ring.submit() {
+                log::error!("reactor_{}: io_uring submit failed: {e}", self.index);
+            }
+            self.retire();
+
+            let now = ticks();
+            let spent = now.wrapping_sub(last);
+            last = now;
+            if work > 0 {
+                self.stats.busy_ticks += spent;
+                idle_since = None;
+                continue;
+            }
+            self.stats.idle_ticks += spent;
+            let start = *idle_since.get_or_insert(now);
+            let should_sleep = match self.mode {
+                PollMode::Interrupt => true,
+                PollMode::Adaptive => {
+                    let spin = if self.ring.in_flight() > 0 {
+                        self.io_spin_ticks
+                    } else {
+                        self.idle_spin_ticks
+                    };
+                    now.wrapping_sub(start) >= spin
+                }
+                // Nothing to poll: even poll mode sleeps until a poller arrives.
+                PollMode::Poll => self.slots.iter().all(Option::is_none),
+            };
+            if should_sleep {
+                self.sleep();
+                last = ticks();
+                idle_since = None;
+            }
+        }
+        self.stats
+    }
+
+    fn handle_messages(&mut self) -> u32 {
+        let mut n = 0;
+        loop {
+            match self.rx.try_recv() {
+                Ok(Message::Run(f)) => {
+                    n += 1;
+                    f(self);
+                }
+                Ok(Message::Shutdown) => {
+                    n += 1;
+                    self.shutting_down = true;
+                    let ids: Vec<PollerId> = self.slots.iter().flatten().map(|s| s.id).collect();
+                    for id in ids {
+                        self.stop_poller(id, Box::new(drop));
+                    }
+                }
+                Err(TryRecvError::Empty) => return n,
+                Err(TryRecvError::Disconnected) => {
+                    self.shutting_down = true;
+                    return n;
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) -> u32 {
+        let (slots, ring, index) = (&mut self.slots, &mut self.ring, self.index);
+        // Completions are collected first: a poller's `complete` may push to the ring.
+        let mut done = [(0u64, 0i32); 64];
+        let mut total = 0;
+        loop {
+            let n = ring.reap_into(&mut done);
+            for &(ud, res) in &done[..n] {
+                let (slot, tag) = split_user_data(ud);
+                if let Some(Some(s)) = slots.get_mut(slot) {
+                    let mut ctx = Ctx::new(ring, slot, index);
+                    s.poller.complete(&mut ctx, tag, res);
+                }
+            }
+            total += n as u32;
+            if n < done.len() {
+                return total;
+            }
+        }
+    }
+
+    fn end_pass(&mut self) {
+        for slot in 0..self.slots.len() {
+            let index = self.index;
+            if let Some(s) = self.slots[slot].as_mut() {
+                let mut ctx = Ctx::new(&mut self.ring, slot, index);
+                s.poller.end_pass(&mut ctx);
+            }
+        }
+    }
+
+    /// Lets stopping pollers that have drained go.
+    fn retire(&mut self) {
+        for slot in 0..self.slots.len() {
+            let done = matches!(&self.slots[slot], Some(s) if s.on_stopped.is_some() && s.poller.drained());
+            if !done {
+                continue;
+            }
+            let Some(s) = self.slots[slot].take() else {
+                continue;
+            };
+            for &fd in &s.wake_fds {
+                let _ = self.epoll.delete(fd);
+            }
+            log::info!("reactor_{}: stopped {}", self.index, s.poller.describe());
+            if let Some(f) = s.on_stopped {
+                f(s.poller);
+            }
+        }
+    }
+
+    /// Arms every wakeup source, re-checks for work that raced in, then blocks in epoll.
+    fn sleep(&mut self) {
+        // SQEs the kernel has not taken yet would never complete while we sleep.
+        if self.ring.pending() > 0 {
+            if let Err(e) = self.ring.submit() {
+                log::error!("reactor_{}: io_uring submit failed: {e}", self.index);
+            }
+            if self.ring.pending() > 0 {
+                return;
+            }
+        }
+        let mut timeout_ms = -1;
+        let mut raced = false;
+        for s in self.slots.iter_mut().flatten() {
+            match s.poller.arm() {
+                Armed::Ready => raced = true,
+                // A frontend that gave no kick fd polls too: look again every millisecond.
+                Armed::Poll => timeout_ms = 1,
+                Armed::Sleep => {}
+            }
+        }
+        if self.ring.in_flight() > 0 {
+            self.ring.enable_eventfd();
+            raced |= self.ring.has_completions();
+            // The kernel reads the eventfd flag right after publishing a CQE without a full
+            // barrier, so a completion racing with the line above can go unsignalled. With
+            // I/O in flight, never sleep longer than a millisecond: a lost wakeup costs at
+            // most that, never a hang. An idle reactor still sleeps indefinitely.
+            timeout_ms = 1;
+        } else if self.ring.background() > 0 {
+            // Background operations (notifications a frontend has not consumed yet) complete
+            // whenever it reads its call fd; let that wake us to reap them. A poller that
+            // owes its driver a signal behind one says `Armed::Poll`, so a lost wake-up here
+            // delays nothing that matters.
+            self.ring.enable_eventfd();
+            raced |= self.ring.has_completions();
+        }
+        raced |= !self.rx.is_empty();
+        if !raced {
+            let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
+            let t0 = ticks();
+            let mut woken = false;
+            match self.epoll.wait(&mut events, timeout_ms) {
+                Ok(tokens) => {
+                    for token in tokens {
+                        woken = true;
+                        match token {
+                            TOKEN_MESSAGE => self.wake.drain(),
+                            TOKEN_URING => self.ring.eventfd().drain(),
+                            // Kick fds are edge-triggered and never read: nothing to drain.
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => log::error!("reactor_{}: epoll_wait failed: {e}", self.index),
+            }
+            self.stats.sleeps += 1;
+            self.stats.sleep_ticks += ticks().wrapping_sub(t0);
+            if woken {
+                self.stats.wakeups += 1;
+            }
+        }
+        self.ring.disable_eventfd();
+        for s in self.slots.iter_mut().flatten() {
+            s.poller.disarm();
+        }
+    }
+}

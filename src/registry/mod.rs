@@ -1,0 +1,328 @@
+//! The device registry: every device by its unique name, with stable ids, and the functions
+//! that add and remove them (the start-up path uses them too). It owns the transport side
+//! of each device (its listening socket and connected frontend) and shares the block side
+//! (`blk::Device`) with the reactors.
+//!
+//! Owns: device lifecycle and placement. Imports the front ends, backends and engine; nothing
+//! below imports it.
+
+pub mod control;
+
+use std::collections::BTreeMap;
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::backend::{self, BackendError};
+use crate::blk::queues::Queues;
+use crate::blk::{Device, DeviceModel};
+use crate::config::{check_new_device, ConfigError, DeviceConfig};
+use crate::cpuset::CpuSet;
+use crate::engine::epoll::Epoll;
+use crate::engine::eventfd::EventFd;
+use crate::engine::ReactorHandle;
+use crate::guestmem::fault;
+use crate::vhost::connection::{Connection, MESSAGE_TIMEOUT};
+use crate::vhost::listener::{listen, Listener, SocketError};
+use crate::vhost::watchdog::Watchdog;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("device {name}: {err}")]
+    Backend { name: String, err: BackendError },
+    #[error("device {name}: {err}")]
+    Socket { name: String, err: SocketError },
+    #[error("device {name}: the backend is smaller than one logical block ({lbs} bytes)")]
+    TooSmall { name: String, lbs: u32 },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the control loop's epoll reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Token {
+    Signal,
+    /// A connection ended; its device id is in the channel.
+    Ended,
+    /// A frontend's memory faulted (SIGBUS contained): disconnect its owner.
+    Poisoned,
+    /// A device's listening socket has a frontend waiting.
+    Listener(u64),
+}
+
+impl Token {
+    fn to_u64(self) -> u64 {
+        match self {
+            Token::Signal => 0,
+            Token::Ended => 1,
+            Token::Poisoned => 2,
+            Token::Listener(id) => id + 3,
+        }
+    }
+
+    fn from_u64(v: u64) -> Token {
+        match v {
+            0 => Token::Signal,
+            1 => Token::Ended,
+            2 => Token::Poisoned,
+            id => Token::Listener(id - 3),
+        }
+    }
+}
+
+struct Entry {
+    id: u64,
+    cfg: DeviceConfig,
+    device: Arc<Device>,
+    listener: Listener,
+    /// The connected frontend and its connection id (which owns its memory mappings).
+    conn: Option<(u64, Connection)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    devices: BTreeMap<String, Entry>,
+    next_id: u64,
+    /// Connection ids are never reused: a mapping of an old connection that faults must not
+    /// be blamed on a new one.
+    next_conn: u64,
+}
+
+pub struct Registry {
+    inner: Mutex<Inner>,
+    reactors: Vec<ReactorHandle>,
+    engine_mask: CpuSet,
+    watchdog: Arc<Watchdog>,
+    epoll: Epoll,
+    ended_tx: Sender<u64>,
+    ended_rx: Receiver<u64>,
+    ended: Arc<EventFd>,
+    /// Written by the SIGBUS handler when it contained a fault.
+    poisoned: &'static EventFd,
+}
+
+impl Registry {
+    /// Also installs the SIGBUS handler: from now on a frontend's memory that faults costs
+    /// that frontend its connection, nothing more.
+    pub fn new(reactors: &[ReactorHandle], engine_mask: CpuSet) -> std::io::Result<Registry> {
+        let (ended_tx, ended_rx) = crossbeam_channel::unbounded();
+        // Lives as long as the process: the handler may write it at any time.
+        let poisoned: &'static EventFd = Box::leak(Box::new(EventFd::new()?));
+        fault::install(poisoned)?;
+        let r = Registry {
+            inner: Mutex::default(),
+            reactors: reactors.to_vec(),
+            engine_mask,
+            watchdog: Watchdog::start(MESSAGE_TIMEOUT)?,
+            epoll: Epoll::new()?,
+            ended_tx,
+            ended_rx,
+            ended: Arc::new(EventFd::new()?),
+            poisoned,
+        };
+        r.epoll.add(r.ended.as_raw_fd(), Token::Ended.to_u64())?;
+        r.epoll
+            .add(r.poisoned.as_raw_fd(), Token::Poisoned.to_u64())?;
+        Ok(r)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates `cfg` against the devices already here, opens its backend, builds its
+    /// model and starts listening on its socket.
+    pub fn add(&self, cfg: DeviceConfig) -> Result<(), AddError> {
+        let mut inner = self.lock();
+        check_new_device(
+            inner.devices.values().map(|e| &e.cfg),
+            &cfg,
+            &self.engine_mask,
+        )?;
+        let name = cfg.name.clone();
+        let backend =
+            backend::open(&cfg.backend, cfg.read_only).map_err(|err| AddError::Backend {
+                name: name.clone(),
+                err,
+            })?;
+        let info = backend.info();
+        let lbs = cfg.logical_block_size;
+        // A backend whose size is not a multiple of the block size exposes its whole blocks
+        // only, as QEMU does.
+        let capacity = info.size - info.size % u64::from(lbs);
+        if capacity == 0 {
+            return Err(AddError::TooSmall { name, lbs });
+        }
+        let model = DeviceModel::new(
+            capacity,
+            lbs,
+            cfg.read_only || info.read_only,
+            !cfg.writethrough,
+            &cfg.serial,
+            info.caps,
+            cfg.num_queues,
+        );
+        let mask = cfg.cpumask.as_ref().unwrap_or(&self.engine_mask);
+        let reactors: Vec<ReactorHandle> = self
+            .reactors
+            .iter()
+            .filter(|r| mask.contains(r.cpu))
+            .cloned()
+            .collect();
+        let listener = listen(&cfg.socket).map_err(|err| AddError::Socket {
+            name: name.clone(),
+            err,
+        })?;
+        // Round-robin: the first lap says it all.
+        let lap = usize::from(cfg.num_queues).min(reactors.len());
+        let mut placement: Vec<String> = (0..lap)
+            .map(|q| format!("q{q}->cpu{}", reactors[q].cpu))
+            .collect();
+        if lap < usize::from(cfg.num_queues) {
+            placement.push("...".into());
+        }
+        log::info!(
+            "device {name}: {} backend, {capacity} bytes, up to {} queue(s) [{}], listening on {}",
+            backend.kind(),
+            cfg.num_queues,
+            placement.join(" "),
+            listener
+                .path
+                .as_ref()
+                .map_or_else(|| format!("{:?}", cfg.socket), |p| p.display().to_string())
+        );
+        let device = Arc::new(Device {
+            name: Arc::from(name.as_str()),
+            model: Arc::new(model),
+            backend,
+            reactors,
+            queues: Queues::default(),
+        });
+        let id = inner.next_id;
+        inner.next_id += 1;
+        self.epoll
+            .add(listener.listener.as_raw_fd(), Token::Listener(id).to_u64())?;
+        inner.devices.insert(
+            name,
+            Entry {
+                id,
+                cfg,
+                device,
+                listener,
+                conn: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn entry_by_id(inner: &mut Inner, id: u64) -> Option<&mut Entry> {
+        inner.devices.values_mut().find(|e| e.id == id)
+    }
+
+    /// A frontend is waiting on device `id`'s socket: serve it on a thread of its own. One
+    /// frontend per device, as vhost-user is 1:1: the next one waits in the listen backlog
+    /// until this one disconnects.
+    fn accept(&self, id: u64) {
+        let mut inner = self.lock();
+        inner.next_conn += 1;
+        let conn_id = inner.next_conn;
+        let Some(e) = Self::entry_by_id(&mut inner, id) else {
+            return;
+        };
+        let stream = match e.listener.listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                log::warn!("device {}: accept failed: {err}", e.device.name);
+                return;
+            }
+        };
+        let _ = self.epoll.delete(e.listener.listener.as_raw_fd());
+        let (tx, wake) = (self.ended_tx.clone(), Arc::clone(&self.ended));
+        let conn = Connection::spawn(
+            stream,
+            Arc::clone(&e.device),
+            conn_id,
+            Arc::clone(&self.watchdog),
+            move || {
+                let _ = tx.send(id);
+                wake.notify();
+            },
+        );
+        match conn {
+            Ok(c) => e.conn = Some((conn_id, c)),
+            Err(err) => {
+                log::warn!("device {}: cannot serve the frontend: {err}", e.device.name);
+                let _ = self.epoll.add(
+                    e.listener.listener.as_raw_fd(),
+                    Token::Listener(id).to_u64(),
+                );
+            }
+        }
+    }
+
+    /// Connections whose thread ended: join them and listen for the next frontend.
+    fn reap_connections(&self) {
+        self.ended.drain();
+        while let Ok(id) = self.ended_rx.try_recv() {
+            let conn = {
+                let mut inner = self.lock();
+                let Some(e) = Self::entry_by_id(&mut inner, id) else {
+                    continue;
+                };
+                if let Err(err) = self.epoll.add(
+                    e.listener.listener.as_raw_fd(),
+                    Token::Listener(id).to_u64(),
+                ) {
+                    log::error!("device {}: cannot listen again: {err}", e.device.name);
+                }
+                e.conn.take()
+            };
+            if let Some((_, c)) = conn {
+                c.join();
+            }
+        }
+    }
+
+    /// Frontends whose memory faulted: each loses its connection (its thread stops its
+    /// rings); nothing else is touched.
+    fn disconnect_poisoned(&self) {
+        self.poisoned.drain();
+        let owners = fault::take_poisoned();
+        let inner = self.lock();
+        for e in inner.devices.values() {
+            if let Some((conn_id, c)) = &e.conn {
+                if owners.contains(conn_id) {
+                    log::warn!(
+                        "device {}: the frontend's shared memory faulted (its file shrank?); \
+                         disconnecting it",
+                        e.device.name
+                    );
+                    c.shut_down();
+                }
+            }
+        }
+    }
+
+    /// Disconnects every frontend (their rings drain), then removes the socket files.
+    pub fn shutdown(&self) {
+        let entries: Vec<Entry> = std::mem::take(&mut self.lock().devices)
+            .into_values()
+            .collect();
+        for e in &entries {
+            if let Some((_, c)) = &e.conn {
+                c.shut_down();
+            }
+        }
+        for mut e in entries {
+            if let Some((_, c)) = e.conn.take() {
+                c.join();
+            }
+            if let Some(p) = &e.listener.path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}

@@ -1,0 +1,676 @@
+//! The virtqueue front end: a poller that takes chains off one split virtqueue, parses them
+//! into block requests, submits them to the device's backend channel, completes them in the
+//! used ring and notifies the driver at most once per reactor pass.
+
+use std::fs::File;
+use std::num::Wrapping;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::chain::Chain;
+use super::inflight::InflightQueue;
+use super::iovec::{self, IovecError};
+use super::notify::Notifier;
+use super::request::{ParseError, Parser, Request, RequestType};
+use crate::blk::error::status;
+use crate::blk::stats::IoStats;
+use crate::blk::{Backend, BlockError, BlockRequest, Channel, DeviceModel, Op, Submitted};
+use crate::engine::poller::BACKGROUND;
+use crate::engine::ratelimit::RateLimit;
+use crate::engine::stats::{ticks, TickScale};
+use crate::engine::{Armed, Ctx, Poller};
+use crate::guestmem::{access, GuestMemoryMmap};
+
+/// Everything a reactor needs to start polling a queue. The control plane has validated the
+/// ring addresses against `mem` before sending it.
+pub struct QueueStart {
+    /// The device's name, for logs.
+    pub device: Arc<str>,
+    pub index: u16,
+    pub queue: Queue,
+    pub mem: Arc<GuestMemoryMmap>,
+    pub model: Arc<DeviceModel>,
+    pub backend: Arc<dyn Backend>,
+    pub kick: Option<File>,
+    /// Inflight tracking, when the frontend shared a region (INFLIGHT_SHMFD).
+    pub inflight: Option<InflightQueue>,
+    /// Heads a previous backend took and never completed, oldest first.
+    pub resubmit: Vec<u16>,
+}
+
+/// One request whose backend has not answered yet. Indexed by its head descriptor index,
+/// which the driver may not reuse until the request is completed.
+#[derive(Default)]
+struct Slot {
+    busy: bool,
+    /// The iovecs the backend reads or writes; `req` points to them.
+    iovecs: Vec<libc::iovec>,
+    req: BlockRequest,
+    status: GuestAddress,
+    /// Bytes written into device-writable buffers on success, status byte included.
+    used_len: u32,
+    /// Keeps the guest memory the iovecs point into mapped until the request completes,
+    /// even if the frontend swaps its memory table meanwhile.
+    mem: Option<Arc<GuestMemoryMmap>>,
+    start: u64,
+}
+
+/// What is left of a queue once it stopped: where the ring stands and what it did.
+#[derive(Clone, Debug)]
+pub struct QueueStopped {
+    /// The next avail index the device would have processed: GET_VRING_BASE's answer.
+    pub next_avail: u16,
+    pub stats: IoStats,
+}
+
+pub struct VirtQueue<N: Notifier> {
+    device: Arc<str>,
+    index: u16,
+    queue: Queue,
+    mem: Arc<GuestMemoryMmap>,
+    model: Arc<DeviceModel>,
+    channel: Box<dyn Channel>,
+    notifier: N,
+    kick: Option<File>,
+    slots: Vec<Slot>,
+    in_flight: u32,
+    parser: Parser,
+    req: Request,
+    /// The backend completes every request inside `submit`.
+    inline: bool,
+    /// Iovecs of requests to an inline backend.
+    scratch: Vec<libc::iovec>,
+    /// Completions `reap` collected, handled after the channel is released.
+    reaped: Vec<(u64, Result<(), BlockError>)>,
+    needs_signal: bool,
+    broken: bool,
+    stopping: bool,
+    stats: Box<IoStats>,
+    scale: TickScale,
+    log_limit: RateLimit,
+    inflight: Option<InflightQueue>,
+    /// Heads to resubmit after a restart, last one first.
+    resubmit: Vec<u16>,
+}
+
+impl<N: Notifier> VirtQueue<N> {
+    /// Builds the queue on its reactor: the backend channel is opened there.
+    pub fn new(start: QueueStart, notifier: N, ctx: &mut Ctx<'_>) -> std::io::Result<Self> {
+        let size = usize::from(start.queue.size());
+        let channel = start.backend.open_channel(ctx)?;
+        let inline = channel.completes_inline();
+        let mut q = VirtQueue {
+            device: start.device,
+            index: start.index,
+            queue: start.queue,
+            mem: start.mem,
+            model: start.model,
+            channel,
+            notifier,
+            kick: start.kick,
+            slots: (0..size).map(|_| Slot::default()).collect(),
+            in_flight: 0,
+            parser: Parser::default(),
+            req: Request::default(),
+            inline,
+            scratch: Vec::with_capacity(iovec::MAX_IOVECS),
+            reaped: Vec::with_capacity(size),
+            needs_signal: false,
+            broken: false,
+            stopping: false,
+            stats: Box::default(),
+            scale: TickScale::new(),
+            log_limit: RateLimit::new(),
+            inflight: start.inflight,
+            resubmit: start.resubmit.into_iter().rev().collect(),
+        };
+        // A backend killed between publishing used entries and signalling them leaves the
+        // driver waiting for completions already in the used ring: a queue that starts
+        // signals once so the driver looks. A spurious notification is harmless.
+        q.notifier.notify();
+        Ok(q)
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    pub fn notifier_mut(&mut self) -> &mut N {
+        &mut self.notifier
+    }
+
+    pub fn set_memory(&mut self, mem: Arc<GuestMemoryMmap>) {
+        self.mem = mem;
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// A copy of the counters, taken without stopping the queue.
+    pub fn stats(&self) -> IoStats {
+        (*self.stats).clone()
+    }
+
+    /// What GET_VRING_BASE reports once the queue has drained.
+    pub fn stopped(&self) -> QueueStopped {
+        QueueStopped {
+            next_avail: self.queue.next_avail(),
+            stats: (*self.stats).clone(),
+        }
+    }
+
+    fn active(&self) -> bool {
+        !self.broken && !self.stopping
+    }
+
+    fn mark_broken(&mut self, why: &str) {
+        self.broken = true;
+        self.stats.other_errors += 1;
+        log::error!(
+            "device {} queue {}: {why}; queue stopped until the frontend resets it",
+            self.device,
+            self.index
+        );
+    }
+
+    fn log_bad_request(&mut self, why: &dyn std::fmt::Display) {
+        if self.log_limit.allow() {
+            log::warn!(
+                "device {} queue {}: request failed: {why}{}",
+                self.device,
+                self.index,
+                self.log_limit.suppressed_note()
+            );
+        }
+    }
+
+    /// Parses and executes the chain at `head`. False if the queue broke.
+    fn take(&mut self, ctx: &mut Ctx<'_>, head: u16) -> bool {
+        if usize::from(head) >= self.slots.len() {
+            self.mark_broken("head index beyond the queue size");
+            return false;
+        }
+        if self.slots[usize::from(head)].busy {
+            self.mark_broken("head index reused while in flight");
+            return false;
+        }
+        if let Some(t) = self.inflight.as_mut() {
+            t.begin(head);
+        }
+        let mem = &*self.mem;
+        let chain = Chain::new(
+            mem,
+            GuestAddress(self.queue.desc_table()),
+            self.queue.size(),
+            head,
+        );
+        match self.parser.parse(chain, mem, &mut self.req) {
+            Ok(()) => self.execute(ctx, head),
+            Err(ParseError::Invalid(why)) => {
+                self.log_bad_request(&why);
+                self.stats.other_errors += 1;
+                // Invalid (not Fatal) means the parser found the status byte.
+                if let Some(addr) = self.parser.status_addr() {
+                    self.write_status(addr, status::IOERR);
+                    self.add_used(head, 1);
+                }
+            }
+            Err(ParseError::Fatal(why)) => {
+                self.mark_broken(why);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn execute(&mut self, ctx: &mut Ctx<'_>, head: u16) {
+        let status_addr = self.req.status_addr();
+        if self.req.kind() == RequestType::GetId {
+            let n = self.write_serial();
+            self.write_status(status_addr, status::OK);
+            return self.add_used(head, n + 1);
+        }
+        let start = ticks();
+        let (op, offset, len) = match self.req.block_op(&self.model) {
+            Ok(v) => v,
+            Err(e) => return self.fail_early(head, status_addr, e),
+        };
+        let mut req = BlockRequest {
+            op,
+            offset,
+            len,
+            iov: std::ptr::null(),
+            iov_count: 0,
+            tag: u64::from(head),
+        };
+        if let Err(e) = self.model.check(&req) {
+            self.log_bad_request(&e);
+            return self.finish(head, &req, status_addr, 1, start, Err(e), None);
+        }
+        // A backend that completes inline is done with the iovecs before `submit` returns:
+        // one hot scratch array serves every request. Otherwise they live in the request's
+        // slot until it completes.
+        let iovecs = if self.inline {
+            &mut self.scratch
+        } else {
+            &mut self.slots[usize::from(head)].iovecs
+        };
+        iovecs.clear();
+        if op.has_data() {
+            // The device writes guest memory on a read.
+            let write_guest = op == Op::Read;
+            if let Err(e) = iovec::build(&self.mem, self.req.data(), write_guest, iovecs) {
+                let e = match e {
+                    IovecError::OutsideMemory => BlockError::BadBuffer,
+                    IovecError::TooMany => BlockError::TooManySegments,
+                };
+                self.log_bad_request(&e);
+                return self.finish(head, &req, status_addr, 1, start, Err(e), None);
+            }
+            // Fits: at most MAX_IOVECS.
+            req.iov_count = iovecs.len() as u32;
+            req.iov = iovecs.as_ptr();
+        }
+        // Fits: data is bounded by the chain walker's 4 GiB cap.
+        let used_len = if op == Op::Read { len as u32 + 1 } else { 1 };
+        // SAFETY: the iovecs live in `self.slots[head]`, which is neither cleared nor reused
+        // until this head completes (busy flag, set below when the request stays pending),
+        // or in `self.scratch` for an inline backend, which is done with them on return;
+        // the buffers they point to are in `self.mem`, and a pending request keeps its own
+        // reference to that snapshot (below) until it completes.
+        match unsafe { self.channel.submit(ctx, &req) } {
+            Submitted::Done(result) => {
+                if let Err(e) = &result {
+                    self.log_io_error(e);
+                }
+                self.finish(head, &req, status_addr, used_len, start, result, None);
+            }
+            Submitted::Pending => {
+                let slot = &mut self.slots[usize::from(head)];
+                slot.busy = true;
+                slot.req = req;
+                slot.status = status_addr;
+                slot.used_len = used_len;
+                slot.mem = Some(Arc::clone(&self.mem));
+                slot.start = start;
+                self.in_flight += 1;
+            }
+        }
+    }
+
+    /// A request refused before it had a block operation (an unsupported type).
+    fn fail_early(&mut self, head: u16, status_addr: GuestAddress, e: BlockError) {
+        self.log_bad_request(&e);
+        self.stats.other_errors += 1;
+        self.write_status(status_addr, e.status());
+        self.add_used(head, 1);
+    }
+
+    /// Completes a request the backend answered: status byte, used entry, statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        head: u16,
+        req: &BlockRequest,
+        status_addr: GuestAddress,
+        used_len: u32,
+        start: u64,
+        result: Result<(), BlockError>,
+        mem: Option<Arc<GuestMemoryMmap>>,
+    ) {
+        let ns = self.scale.to_ns(ticks().wrapping_sub(start));
+        self.stats.complete(req.op, req.len, ns, &result);
+        let (st, used) = match &result {
+            Ok(()) => (status::OK, used_len),
+            Err(e) => (e.status(), 1),
+        };
+        // The status byte goes through the snapshot the request was parsed against.
+        let mem = mem.as_deref().unwrap_or(&self.mem);
+        // The address was validated at parse time against this same memory.
+        let _ = access::write_u8(mem, status_addr, st);
+        self.add_used(head, used);
+    }
+
+    fn log_io_error(&mut self, e: &BlockError) {
+        if self.log_limit.allow() {
+            log::warn!(
+                "device {} queue {}: I/O error: {e}{}",
+                self.device,
+                self.index,
+                self.log_limit.suppressed_note()
+            );
+        }
+    }
+
+    fn write_status(&self, addr: GuestAddress, st: u8) {
+        // Validated at parse time against this same memory.
+        let _ = access::write_u8(&self.mem, addr, st);
+    }
+
+    fn write_serial(&mut self) -> u32 {
+        let serial = *self.model.serial();
+        let mut n = 0usize;
+        for r in self.req.data() {
+            if n == serial.len() {
+                break;
+            }
+            let take = (serial.len() - n).min(r.len as usize);
+            if self.mem.write_slice(&serial[n..n + take], r.addr).is_err() {
+                break;
+            }
+            n += take;
+        }
+        // Fits: at most 20.
+        n as u32
+    }
+
+    fn add_used(&mut self, head: u16, used: u32) {
+        if let Some(t) = self.inflight.as_mut() {
+            t.pre_complete(head);
+        }
+        if self.queue.add_used(&*self.mem, head, used).is_err() {
+            self.mark_broken("used ring unwritable");
+        }
+        if let Some(t) = self.inflight.as_mut() {
+            t.end(head, self.queue.next_used());
+        }
+        self.needs_signal = true;
+    }
+
+    /// The backend finished the request at `head` (a CQE or a reaped completion).
+    fn backend_done(&mut self, head: u64, result: Option<Result<(), BlockError>>, cqe: i32) {
+        let Some(slot) = self.slots.get_mut(head as usize) else {
+            return;
+        };
+        if !slot.busy {
+            return;
+        }
+        slot.busy = false;
+        self.in_flight -= 1;
+        let req = slot.req;
+        let mem = slot.mem.take();
+        let (status_addr, used_len, start) = (slot.status, slot.used_len, slot.start);
+        let result = result.unwrap_or_else(|| self.channel.complete(&req, cqe));
+        if let Err(e) = &result {
+            self.log_io_error(e);
+        }
+        self.finish(head as u16, &req, status_addr, used_len, start, result, mem);
+    }
+
+    fn reap_channel(&mut self, ctx: &mut Ctx<'_>) -> u32 {
+        let reaped = &mut self.reaped;
+        let n = self
+            .channel
+            .reap(ctx, &mut |tag, result| reaped.push((tag, result)));
+        while let Some((tag, result)) = self.reaped.pop() {
+            self.backend_done(tag, Some(result), 0);
+        }
+        n
+    }
+}
+
+impl<N: Notifier + 'static> Poller for VirtQueue<N> {
+    /// One pass over the avail ring: at most `queue size` chains, and no more than the
+    /// backend can take. Returns how many chains were taken (plus completions reaped).
+    fn poll(&mut self, ctx: &mut Ctx<'_>) -> u32 {
+        let mut work = if self.in_flight > 0 {
+            self.reap_channel(ctx)
+        } else {
+            0
+        };
+        if !self.active() {
+            return work;
+        }
+        let avail = match self.queue.avail_idx(&*self.mem, Ordering::Acquire) {
+            Ok(a) => a,
+            Err(_) => {
+                self.mark_broken("avail ring unreadable");
+                return work;
+            }
+        };
+        let pending = (avail - Wrapping(self.queue.next_avail())).0;
+        if pending > self.queue.size() {
+            self.mark_broken("avail index moved by more than the queue size");
+            return work;
+        }
+        // Requests a previous vubd took but never completed go first, in their old order.
+        while let Some(&head) = self.resubmit.last() {
+            if self.channel.room(ctx) == 0 {
+                return work;
+            }
+            self.resubmit.pop();
+            work += 1;
+            if !self.take(ctx, head) {
+                return work;
+            }
+        }
+        for _ in 0..pending {
+            if self.channel.room(ctx) == 0 {
+                break;
+            }
+            let Some(chain) = self.queue.pop_descriptor_chain(&*self.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            work += 1;
+            if !self.take(ctx, head) {
+                break;
+            }
+        }
+        work
+    }
+
+    fn complete(&mut self, _ctx: &mut Ctx<'_>, tag: u64, result: i32) {
+        if tag & BACKGROUND != 0 {
+            self.notifier.complete(tag, result);
+        } else {
+            self.backend_done(tag, None, result);
+        }
+    }
+
+    /// Signals the driver once if the pass produced used entries and the driver wants to
+    /// hear about them (EVENT_IDX aware).
+    fn end_pass(&mut self, ctx: &mut Ctx<'_>) {
+        if self.needs_signal {
+            self.needs_signal = false;
+            if self.queue.needs_notification(&*self.mem).unwrap_or(true) {
+                self.notifier.notify();
+            }
+        }
+        if self.notifier.flush(ctx) {
+            self.stats.notifications += 1;
+        }
+    }
+
+    /// Before sleeping: ask the driver to kick again.
+    fn arm(&mut self) -> Armed {
+        if !self.active() {
+            return Armed::Sleep;
+        }
+        if self.queue.enable_notification(&*self.mem).unwrap_or(true) {
+            return Armed::Ready;
+        }
+        if self.kick.is_some() {
+            Armed::Sleep
+        } else {
+            Armed::Poll
+        }
+    }
+
+    /// After waking: polling again, kicks are not needed.
+    fn disarm(&mut self) {
+        if self.active() {
+            let _ = self.queue.disable_notification(&*self.mem);
+        }
+    }
+
+    fn wake_fds(&self) -> Vec<RawFd> {
+        let mut fds = self.channel.wake_fds();
+        fds.extend(self.kick.as_ref().map(|k| k.as_raw_fd()));
+        fds
+    }
+
+    fn stop(&mut self, _ctx: &mut Ctx<'_>) {
+        self.stopping = true;
+    }
+
+    fn drained(&self) -> bool {
+        self.stopping && self.in_flight == 0 && !self.needs_signal && self.notifier.idle()
+    }
+
+    fn describe(&self) -> String {
+        format!("device {} queue {}", self.device, self.index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend;
+    use crate::config::BackendSpec;
+    use crate::engine::testing::Harness;
+    use crate::virtio_blk::mock;
+    use crate::virtio_blk::notify::EventFdNotifier;
+    use crate::virtio_blk::request::{VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn harness(
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        mem: &Arc<GuestMemoryMmap>,
+        spec: BackendSpec,
+    ) -> Harness<VirtQueue<EventFdNotifier>> {
+        let backend = backend::open(&spec, false).unwrap();
+        let start = mock::queue_start(vq, 16, mem, backend, "serial-1");
+        Harness::new(|ctx| mock::virt_queue(start, ctx))
+    }
+
+    /// A 3-descriptor request at table index `first` with its header at `hdr`.
+    fn chain(
+        mem: &GuestMemoryMmap,
+        first: u16,
+        kind: u32,
+        sector: u64,
+        buf: u64,
+    ) -> [RawDescriptor; 3] {
+        let hdr = 0x10_0000 + u64::from(first) * 0x100;
+        mem.write_obj(kind, GuestAddress(hdr)).unwrap();
+        mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
+        let data_flags = if kind == VIRTIO_BLK_T_IN { W } else { 0 };
+        [
+            RawDescriptor::from(SplitDescriptor::new(hdr, 16, 1, first + 1)),
+            RawDescriptor::from(SplitDescriptor::new(buf, 512, data_flags | 1, first + 2)),
+            RawDescriptor::from(SplitDescriptor::new(hdr + 0x80, 1, W, 0)),
+        ]
+    }
+
+    fn status(mem: &GuestMemoryMmap, first: u16) -> u8 {
+        mem.read_obj(GuestAddress(0x10_0000 + u64::from(first) * 0x100 + 0x80))
+            .unwrap()
+    }
+
+    fn memory() -> Arc<GuestMemoryMmap> {
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap())
+    }
+
+    #[test]
+    fn ram_pass_writes_then_reads_back_and_fills_used_ring() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let mut h = harness(&vq, &mem, BackendSpec::Ram { size: 1 << 20 });
+        mem.write_slice(&[0xab; 512], GuestAddress(0x20_0000))
+            .unwrap();
+        let mut descs = chain(&mem, 0, VIRTIO_BLK_T_OUT, 4, 0x20_0000).to_vec();
+        descs.extend(chain(&mem, 3, VIRTIO_BLK_T_IN, 4, 0x21_0000));
+        vq.add_desc_chains(&descs, 0).unwrap();
+        assert_eq!(h.pass(), 2);
+        assert_eq!((status(&mem, 0), status(&mem, 3)), (status::OK, status::OK));
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0x21_0000)).unwrap();
+        assert_eq!(back, [0xab; 512]);
+        let used = mock::USED_RING;
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 2);
+        // used ring element 1: (id u32, len u32) after flags and idx.
+        let id: u32 = mem.read_obj(GuestAddress(used + 4 + 8)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(used + 4 + 12)).unwrap();
+        assert_eq!((id, len), (3, 513));
+        let s = h.poller.stats();
+        assert_eq!(s.ops[Op::Read.index()], 1);
+        assert_eq!(s.bytes[Op::Write { fua: false }.index()], 512);
+    }
+
+    #[test]
+    fn avail_index_jump_breaks_only_this_queue() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let mut h = harness(&vq, &mem, BackendSpec::Null { size: 1 << 20 });
+        vq.avail().idx().store(17);
+        assert_eq!(h.pass(), 0);
+        assert!(h.poller.is_broken());
+        vq.avail().idx().store(1);
+        assert_eq!(h.pass(), 0, "a broken queue stays stopped");
+        assert_eq!(
+            mem.read_obj::<u16>(GuestAddress(mock::USED_RING + 2))
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn head_reused_while_in_flight_breaks_the_queue() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let spec = BackendSpec::File {
+            path: file.path().into(),
+            buffered: true,
+        };
+        let mut h = harness(&vq, &mem, spec);
+        vq.add_desc_chains(&chain(&mem, 0, VIRTIO_BLK_T_IN, 0, 0x20_0000), 0)
+            .unwrap();
+        // Poll without reaping: the read stays in flight.
+        h.poller.poll(&mut Ctx::new(&mut h.ring, 0, 0));
+        assert_eq!(h.poller.in_flight(), 1);
+        // The driver offers head 0 again before the device has used it.
+        vq.add_desc_chains(&chain(&mem, 0, VIRTIO_BLK_T_IN, 0, 0x20_0000), 0)
+            .unwrap();
+        h.poller.poll(&mut Ctx::new(&mut h.ring, 0, 0));
+        assert!(h.poller.is_broken());
+        // The first request still completes normally.
+        h.settle();
+        assert_eq!(status(&mem, 0), status::OK);
+        assert_eq!(h.poller.in_flight(), 0);
+    }
+
+    #[test]
+    fn get_id_returns_the_serial() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let mut h = harness(&vq, &mem, BackendSpec::Null { size: 1 << 20 });
+        let mut d = chain(&mem, 0, VIRTIO_BLK_T_GET_ID, 0, 0x20_0000);
+        d[1] = RawDescriptor::from(SplitDescriptor::new(0x20_0000, 20, W | 1, 2));
+        vq.add_desc_chains(&d, 0).unwrap();
+        assert_eq!(h.pass(), 1);
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(&id[..8], b"serial-1");
+        assert_eq!(status(&mem, 0), status::OK);
+    }
+}
