@@ -176,6 +176,11 @@ fn guest_geometry() {
 
 /// mkfs.ext4, checksummed files, fstrim, e2fsck -fn, remount and verify.
 #[test]
+fn guest_queues() {
+    guest_test("queues");
+}
+
+#[test]
 fn guest_fs() {
     guest_test("fs");
 }

@@ -171,3 +171,26 @@ fn more_queues_than_the_device_offers_is_refused() {
         "starting 3 queues on a 2-queue device must fail"
     );
 }
+
+/// QEMU asks for one queue per vCPU unless told otherwise and refuses a backend that offers
+/// fewer, so a device offers the protocol's maximum (256) unless --num-queues lowers it.
+#[test]
+fn default_device_offers_256_queues() {
+    let dir = test_dir();
+    let server = Server::start(dir.path(), "vubd", &["--ram", "64M"]);
+    let mut blkio = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+    blkio
+        .set_str("path", server.socket.to_str().unwrap())
+        .unwrap();
+    blkio.connect().expect("connect");
+    assert_eq!(blkio.get_i32("max-queues").expect("max-queues"), 256);
+    drop(blkio);
+    let mut client = Client::connect(&server.socket, 4);
+    for q in 0..4 {
+        let off = q as u64 * MIB;
+        let data = pattern(q as u64, off, 4096);
+        ok("write", client.disks[q].write(off, &data));
+        let got = ok("read", client.disks[q].read(off, 4096));
+        assert_bytes_eq(&format!("queue {q}"), &got, &data);
+    }
+}

@@ -3,7 +3,8 @@
 # by build-guest.sh and cached) in qemu-system-x86_64 with a vhost-user-blk-pci disk served
 # by a vubd this script starts, and runs a test inside it (tests/guest/init).
 #
-# Usage: tests/guest/run.sh [TEST...]     TEST: geometry fs fio discard restart (default all)
+# Usage: tests/guest/run.sh [TEST...]
+#   TEST: geometry queues fs fio discard restart (default all)
 #
 # Output: the guest's and the host's "VUBD-RESULT test=NAME status=PASS|FAIL key=value..."
 # lines, one "VUBD-TEST name=NAME status=... seconds=..." line per test, and a summary.
@@ -32,7 +33,7 @@ CACHE=${VUBD_GUEST_CACHE:-/var/cache/vubd-guest}
 ACCEL=${VUBD_GUEST_ACCEL:-auto}
 BOOT_TIMEOUT=${VUBD_GUEST_BOOT_TIMEOUT:-300}
 KVM_PROBE_TIMEOUT=${VUBD_GUEST_KVM_PROBE_TIMEOUT:-30}
-ALL_TESTS=(geometry fs fio discard restart)
+ALL_TESTS=(geometry queues fs fio discard restart)
 DISK_SIZE=$((256 * 1024 * 1024))
 SERIAL=vubd-guest-disk
 GIB=1073741824
@@ -180,7 +181,7 @@ start_qemu() {
     : >"$QEMU_LOG"
     # timeout(1) is the last line of defence if this script is killed without its trap.
     timeout -k 10 "$BOOT_TIMEOUT" qemu-system-x86_64 \
-        "${accel_args[@]}" -machine q35 -smp 2 -m 512M \
+        "${accel_args[@]}" -machine q35 -smp "${SMP:-2}" -m 512M \
         -nodefaults -nographic -monitor none -no-reboot \
         -serial "file:$QEMU_LOG" \
         -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initrd.img" \
@@ -298,10 +299,11 @@ stop_vubd() {
 }
 
 # vhost_args SOCK QUEUES [chardev-extra]: the QEMU arguments of the vhost-user-blk disk
+# (QUEUES empty: no num-queues, QEMU's default of one queue per vCPU)
 vhost_args() {
     echo "-object memory-backend-memfd,id=mem0,size=512M,share=on -numa node,memdev=mem0
         -chardev socket,id=c0,path=$1${3:+,$3}
-        -device vhost-user-blk-pci,chardev=c0,num-queues=$2,queue-size=256"
+        -device vhost-user-blk-pci,chardev=c0${2:+,num-queues=$2},queue-size=256"
 }
 
 # --- results -------------------------------------------------------------------------------
@@ -373,6 +375,26 @@ test_geometry() {
     local rc=0
     boot_one geometry "" "vubd.test=geometry vubd.expect=$(geometry_expect 512)" || rc=1
     boot_one geometry4k "--logical-block-size 4096" "vubd.test=geometry vubd.expect=$(geometry_expect 4096)" || rc=1
+    return $rc
+}
+# queues: QEMU's defaults, as a user who copies the README's command line without
+# num-queues gets them: a 4-vCPU guest asks vubd (default --num-queues) for 4 queues.
+test_queues() {
+    local name=queues img=$WORK/queues.img rc=0
+    truncate -s "$DISK_SIZE" "$img"
+    start_vubd "$name" --blk-file "$img" --serial "$SERIAL" || {
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_start"
+        return 1
+    }
+    local expect="queues:4,size:$((DISK_SIZE / 512)),serial:$SERIAL"
+    # shellcheck disable=SC2046
+    SMP=4 start_qemu "$name" "vubd.test=geometry vubd.expect=$expect" $(vhost_args "$SOCK" "")
+    wait_qemu
+    check_run "$name" || rc=1
+    stop_vubd || {
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_exited_early"
+        rc=1
+    }
     return $rc
 }
 test_fs() { boot_one fs "" "vubd.test=fs"; }
