@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::config::{
-    backend_from, check_new_device, load_devices, parse_size, socket_from, Config, ConfigError,
-    DeviceConfig, EngineConfig, PollMode, DEFAULT_IDLE_SPIN_US, MAX_QUEUES,
+    access_from, backend_from, check_new_device, load_devices, parse_size, parse_uids, socket_from,
+    Config, ConfigError, DeviceConfig, EngineConfig, PollMode, DEFAULT_IDLE_SPIN_US, MAX_QUEUES,
 };
 use crate::cpuset::{online_cpus, CpuSet};
 
@@ -25,6 +25,15 @@ pub struct Args {
     /// Serve an already listening Unix socket inherited as this fd.
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
+    /// Permissions of the socket file vubd creates (octal), e.g. 0660.
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Owner of the socket file vubd creates: USER[:GROUP] (names or numbers).
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub socket_owner: Option<String>,
+    /// Only peers with these uids may connect (comma-separated); others are disconnected.
+    #[arg(long, value_name = "UID,...")]
+    pub allow_uid: Option<String>,
     /// Backend: a regular file or a block device.
     #[arg(long, value_name = "PATH")]
     pub blk_file: Option<PathBuf>,
@@ -54,7 +63,7 @@ pub struct Args {
     #[arg(long)]
     pub writethrough: bool,
     /// Many devices: a TOML file with one [[device]] table per device.
-    #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["socket_path", "fd", "blk_file", "ram", "null"])]
+    #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["socket_path", "fd", "blk_file", "ram", "null", "socket_mode", "socket_owner", "allow_uid"])]
     pub config: Option<PathBuf>,
     /// Reactor cores: 0x3, [0,2-3] or 0-1. Default: one reactor on the last CPU.
     #[arg(short = 'm', long, value_name = "MASK")]
@@ -105,6 +114,11 @@ impl TryFrom<Args> for Config {
                 let dev = DeviceConfig {
                     backend: backend_from(&name, a.blk_file, a.ram, a.null, a.buffered)?,
                     socket: socket_from(&name, a.socket_path, a.fd)?,
+                    access: access_from(
+                        a.socket_mode.as_deref(),
+                        a.socket_owner.as_deref(),
+                        a.allow_uid.as_deref().map(parse_uids).transpose()?,
+                    )?,
                     name,
                     read_only: a.read_only,
                     num_queues: a.num_queues,

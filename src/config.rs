@@ -64,10 +64,31 @@ pub enum SocketSpec {
     Fd(i32),
 }
 
+/// Who may use a device's socket: its file mode and owner (set between bind and listen, so
+/// there is no window with the default permissions) and the uids a connecting peer may have.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// `socket-mode`, e.g. 0o660.
+    pub mode: Option<u32>,
+    /// `socket-owner`, resolved.
+    pub owner: Option<SocketOwner>,
+    /// `allow-uid`: when given, peers with any other uid are disconnected at once.
+    pub allow_uids: Option<Vec<u32>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketOwner {
+    /// As written (`qemu:kvm`), for logs and for saving the configuration.
+    pub spec: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
 #[derive(Clone, Debug)]
 pub struct DeviceConfig {
     pub name: String,
     pub socket: SocketSpec,
+    pub access: SocketAccess,
     pub backend: BackendSpec,
     pub read_only: bool,
     pub num_queues: u16,
@@ -135,6 +156,7 @@ impl DeviceConfig {
         DeviceConfig {
             name: name.to_string(),
             socket,
+            access: SocketAccess::default(),
             backend,
             read_only: false,
             num_queues: MAX_QUEUES,
@@ -159,6 +181,14 @@ impl DeviceConfig {
         }
         if self.serial.len() > 20 {
             return Err(ConfigError::Serial(self.serial.len()));
+        }
+        if matches!(self.socket, SocketSpec::Fd(_))
+            && (self.access.mode.is_some() || self.access.owner.is_some())
+        {
+            return Err(ConfigError::Other(format!(
+                "device {}: socket-mode and socket-owner apply to a socket vubd creates, not to --fd",
+                self.name
+            )));
         }
         match self.backend {
             BackendSpec::Null { size } | BackendSpec::Ram { size } => {
@@ -220,6 +250,9 @@ struct DeviceTable {
     name: Option<String>,
     socket_path: Option<PathBuf>,
     fd: Option<i32>,
+    socket_mode: Option<String>,
+    socket_owner: Option<String>,
+    allow_uid: Option<Vec<u32>>,
     blk_file: Option<PathBuf>,
     ram: Option<SizeValue>,
     null: Option<SizeValue>,
@@ -286,9 +319,15 @@ pub fn load_devices(path: &Path) -> Result<Vec<DeviceConfig>, ConfigError> {
                 t.buffered,
             )?;
             let socket = socket_from(&name, t.socket_path, t.fd)?;
+            let access = access_from(
+                t.socket_mode.as_deref(),
+                t.socket_owner.as_deref(),
+                t.allow_uid,
+            )?;
             let dev = DeviceConfig {
                 name,
                 socket,
+                access,
                 backend,
                 read_only: t.read_only,
                 num_queues: t.num_queues.unwrap_or(MAX_QUEUES),
@@ -317,6 +356,67 @@ pub fn backend_from(
         (None, None, Some(size)) => Ok(BackendSpec::Null { size }),
         _ => Err(ConfigError::Backend(name.to_string())),
     }
+}
+
+/// `socket-mode`: octal permission bits, `0660` or `660`.
+pub fn parse_mode(text: &str) -> Result<u32, ConfigError> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 && !digits.is_empty() => Ok(m),
+        _ => Err(ConfigError::Other(format!(
+            "socket-mode {text:?} is not an octal mode like 0660"
+        ))),
+    }
+}
+
+/// `socket-owner`: `USER`, `USER:GROUP` or `:GROUP`, names or numbers.
+pub fn parse_owner(text: &str) -> Result<SocketOwner, ConfigError> {
+    let (user, group) = match text.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (text, None),
+    };
+    let bad = |what: &str| ConfigError::Other(format!("socket-owner {text:?}: {what}"));
+    let uid = match user {
+        "" => None,
+        u => Some(crate::users::lookup_user(u).ok_or_else(|| bad(&format!("no user {u:?}")))?),
+    };
+    let gid = match group {
+        None | Some("") => None,
+        Some(g) => {
+            Some(crate::users::lookup_group(g).ok_or_else(|| bad(&format!("no group {g:?}")))?)
+        }
+    };
+    if uid.is_none() && gid.is_none() {
+        return Err(bad("neither a user nor a group"));
+    }
+    Ok(SocketOwner {
+        spec: text.to_string(),
+        uid,
+        gid,
+    })
+}
+
+/// `allow-uid` on the command line: `107,108`.
+pub fn parse_uids(text: &str) -> Result<Vec<u32>, ConfigError> {
+    text.split(',')
+        .map(|u| {
+            u.trim()
+                .parse()
+                .map_err(|_| ConfigError::Other(format!("allow-uid {text:?}: {u:?} is not a uid")))
+        })
+        .collect()
+}
+
+pub fn access_from(
+    mode: Option<&str>,
+    owner: Option<&str>,
+    allow_uids: Option<Vec<u32>>,
+) -> Result<SocketAccess, ConfigError> {
+    Ok(SocketAccess {
+        mode: mode.map(parse_mode).transpose()?,
+        owner: owner.map(parse_owner).transpose()?,
+        allow_uids,
+    })
 }
 
 pub fn socket_from(
@@ -367,6 +467,9 @@ mod tests {
             socket-path = "/tmp/b.sock"
             null = 1048576
             read-only = true
+            socket-mode = "0660"
+            socket-owner = "root:root"
+            allow-uid = [0, 107]
             "#,
         )
         .unwrap();
@@ -377,6 +480,17 @@ mod tests {
         assert_eq!(devs[0].cpumask.as_ref().unwrap().cpus(), &[0]);
         assert_eq!(devs[1].name, "zero");
         assert!(devs[1].read_only);
+        let a = &devs[1].access;
+        assert_eq!(a.mode, Some(0o660));
+        assert_eq!(
+            a.owner.as_ref().map(|o| (o.uid, o.gid)),
+            Some((Some(0), Some(0)))
+        );
+        assert_eq!(a.allow_uids, Some(vec![0, 107]));
+        assert_eq!(devs[0].access, SocketAccess::default());
+        assert!(parse_mode("0999").is_err() && parse_mode("").is_err());
+        assert!(parse_owner("no-such-user-vubd").is_err());
+        assert!(parse_uids("1,x").is_err());
 
         std::fs::write(
             &path,

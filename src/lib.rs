@@ -19,6 +19,7 @@ mod cpuset;
 mod engine;
 mod guestmem;
 mod registry;
+mod users;
 mod vhost;
 mod virtio_blk;
 

@@ -24,7 +24,7 @@ use crate::engine::eventfd::EventFd;
 use crate::engine::ReactorHandle;
 use crate::guestmem::fault;
 use crate::vhost::connection::{Connection, MESSAGE_TIMEOUT};
-use crate::vhost::listener::{listen, Listener, SocketError};
+use crate::vhost::listener::{listen, Listener, Peer, SocketError};
 use crate::vhost::watchdog::Watchdog;
 
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +172,7 @@ impl Registry {
             .filter(|r| mask.contains(r.cpu))
             .cloned()
             .collect();
-        let listener = listen(&cfg.socket).map_err(|err| AddError::Socket {
+        let listener = listen(&cfg.socket, &cfg.access).map_err(|err| AddError::Socket {
             name: name.clone(),
             err,
         })?;
@@ -239,6 +239,29 @@ impl Registry {
                 return;
             }
         };
+        if let Some(allowed) = &e.cfg.access.allow_uids {
+            // Checked before a single message is read: anyone who can open the socket could
+            // otherwise read and write the disk.
+            match Peer::of(&stream) {
+                Ok(p) if allowed.contains(&p.uid) => {}
+                Ok(p) => {
+                    log::warn!(
+                        "device {}: refused a frontend with uid {} (pid {}): not in allow-uid",
+                        e.device.name,
+                        p.uid,
+                        p.pid
+                    );
+                    return;
+                }
+                Err(err) => {
+                    log::warn!(
+                        "device {}: refused a frontend whose credentials are unknown: {err}",
+                        e.device.name
+                    );
+                    return;
+                }
+            }
+        }
         let _ = self.epoll.delete(e.listener.listener.as_raw_fd());
         let (tx, wake) = (self.ended_tx.clone(), Arc::clone(&self.ended));
         let conn = Connection::spawn(
