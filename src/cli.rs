@@ -8,7 +8,8 @@ use clap::Parser;
 
 use crate::config::{
     access_from, backend_from, check_new_device, load_devices, parse_size, parse_uids, socket_from,
-    Config, ConfigError, DeviceConfig, EngineConfig, PollMode, DEFAULT_IDLE_SPIN_US, MAX_QUEUES,
+    Config, ConfigError, DeviceConfig, EngineConfig, PollMode, SeccompMode, DEFAULT_IDLE_SPIN_US,
+    MAX_QUEUES,
 };
 use crate::cpuset::{online_cpus, CpuSet};
 
@@ -74,6 +75,10 @@ pub struct Args {
     /// Adaptive mode: how long a reactor polls without finding work before it sleeps.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_IDLE_SPIN_US)]
     pub idle_spin_us: u64,
+    /// System call filtering: on (default), off, or log (report forbidden calls in the
+    /// kernel log instead of stopping the process).
+    #[arg(long, value_name = "on|off|log", default_value = "on")]
+    pub seccomp: SeccompMode,
     /// Print the vhost-user backend capabilities as JSON (QEMU's convention) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -106,6 +111,7 @@ impl TryFrom<Args> for Config {
             cpumask,
             poll_mode: a.poll_mode,
             idle_spin: Duration::from_micros(a.idle_spin_us),
+            seccomp: a.seccomp,
         };
         let devices = match &a.config {
             Some(path) => load_devices(path)?,

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::cpuset::{CpuSet, CpuSetError};
 pub use crate::engine::PollMode;
 use crate::engine::Settings;
+pub use crate::sandbox::SeccompMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -105,6 +106,7 @@ pub struct EngineConfig {
     pub cpumask: CpuSet,
     pub poll_mode: PollMode,
     pub idle_spin: Duration,
+    pub seccomp: SeccompMode,
 }
 
 impl EngineConfig {

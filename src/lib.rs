@@ -19,6 +19,7 @@ mod cpuset;
 mod engine;
 mod guestmem;
 mod registry;
+mod sandbox;
 mod users;
 mod vhost;
 mod virtio_blk;
@@ -40,6 +41,7 @@ pub enum RunError {
 /// Starts the reactors, adds every configured device (so bad arguments fail before anything
 /// is served), then serves until SIGINT/SIGTERM.
 pub fn run(config: Config) -> Result<(), RunError> {
+    sandbox::init(config.engine.seccomp)?;
     let signals = block_signals()?;
     let engine = engine::Engine::start(config.engine.cpumask.cpus(), config.engine.settings())?;
     let registry = Registry::new(engine.reactors(), config.engine.cpumask.clone())?;
@@ -50,6 +52,8 @@ pub fn run(config: Config) -> Result<(), RunError> {
             return Err(e.into());
         }
     }
+    // Start-up is over: from here on the control plane makes only the calls it needs.
+    sandbox::confine(sandbox::ThreadKind::Control)?;
     let result = serve(&registry, signals);
     engine.shutdown();
     result.map_err(RunError::from)
@@ -69,6 +73,8 @@ pub mod testing {
     pub use crate::engine::uring::Uring;
     pub use crate::engine::{Ctx, Engine, Poller, ReactorHandle, Settings};
     pub use crate::guestmem::GuestMemoryMmap;
+    pub use crate::sandbox::seccomp::{apply as apply_seccomp, EXIT_FORBIDDEN};
+    pub use crate::sandbox::{SeccompMode, ThreadKind};
     pub use crate::vhost::device::VhostDevice;
     pub use crate::vhost::watchdog::Watchdog;
     pub use crate::virtio_blk::chain::Chain;

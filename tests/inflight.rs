@@ -193,7 +193,7 @@ fn restarted_vubd_resubmits_in_flight_requests_once_in_order() {
 #[test]
 fn bad_inflight_regions_are_refused() {
     let dir = test_dir();
-    let server = Server::start(dir.path(), "vubd", &["--ram", "16M"]);
+    let server = Server::start(dir.path(), "vubd", &["--ram", "16M", "--num-queues", "8"]);
     let mem = GuestMemory::new(4 * MIB);
     let mut fe = connect(&server.socket, &mem);
     let small = GuestMemory::new(4096);

@@ -189,6 +189,13 @@ impl Reactor {
         if !crate::cpuset::pin_current_thread(self.cpu) {
             log::warn!("reactor_{}: could not pin to cpu {}", self.index, self.cpu);
         }
+        if let Err(e) = crate::sandbox::confine(crate::sandbox::ThreadKind::Reactor) {
+            log::error!(
+                "reactor_{}: cannot install its seccomp filter: {e}",
+                self.index
+            );
+            std::process::abort();
+        }
         log::debug!("reactor_{} running on cpu {}", self.index, self.cpu);
         let mut last = ticks();
         let mut idle_since: Option<u64> = None;

@@ -28,9 +28,12 @@ impl Uring {
     pub fn new() -> io::Result<Uring> {
         let ring = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 2)
+            .setup_r_disabled()
             .build(RING_ENTRIES)?;
         let eventfd = EventFd::new()?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        // Only the operations vubd issues, from now on (this also enables the ring).
+        crate::sandbox::uring::restrict_reactor_ring(&ring)?;
         let limit = ring.params().cq_entries();
         let u = Uring {
             ring,
@@ -164,5 +167,32 @@ impl Uring {
         } else {
             cq.disable_eventfd();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::{opcode, types};
+
+    #[test]
+    fn the_ring_refuses_operations_vubd_does_not_use() {
+        let mut ring = Uring::new().unwrap();
+        // openat through the ring would bypass seccomp; the restrictions refuse it.
+        let sqe = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), c"/etc/passwd".as_ptr())
+            .build()
+            .user_data(7);
+        // SAFETY: the path is a static C string.
+        unsafe { ring.push(&sqe) }.unwrap();
+        ring.submit().unwrap();
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            ring.reap(|ud, res| got.push((ud, res)));
+            if !got.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(got, vec![(7, -libc::EACCES)]);
     }
 }

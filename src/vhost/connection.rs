@@ -43,6 +43,7 @@ impl Connection {
         let thread = std::thread::Builder::new()
             .name(name.chars().take(15).collect())
             .spawn(move || {
+                crate::sandbox::inherited(crate::sandbox::ThreadKind::Control);
                 serve(stream, thread_sock, device, id, watchdog);
                 on_end();
             })?;

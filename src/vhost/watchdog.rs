@@ -36,7 +36,13 @@ impl Watchdog {
         let shared = Arc::clone(&w);
         std::thread::Builder::new()
             .name("vhost-watchdog".into())
-            .spawn(move || shared.run())?;
+            .spawn(move || {
+                if let Err(e) = crate::sandbox::confine(crate::sandbox::ThreadKind::Watchdog) {
+                    log::error!("vhost-watchdog: cannot install its seccomp filter: {e}");
+                    std::process::abort();
+                }
+                shared.run()
+            })?;
         Ok(w)
     }
 

@@ -77,10 +77,16 @@ impl SignalRing {
         if !is_eventfd(call.as_fd()) {
             return Err(CallFdError::NotEventFd);
         }
-        let ring = IoUring::new(4).map_err(CallFdError::Ring)?;
+        // Probe here, on a control thread: reactors may not create rings.
+        msg_ring_supported();
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build(4)
+            .map_err(CallFdError::Ring)?;
         ring.submitter()
             .register_eventfd(call.as_raw_fd())
             .map_err(CallFdError::Ring)?;
+        crate::sandbox::uring::restrict_signal_ring(&ring).map_err(CallFdError::Ring)?;
         Ok(SignalRing { ring })
     }
 
