@@ -82,6 +82,7 @@ impl Backend for FileBackend {
             size: self.size,
             caps: Caps::ALL,
             read_only: self.read_only,
+            single_reactor: false,
         }
     }
 

@@ -29,6 +29,7 @@ impl Backend for NullBackend {
             size: self.size,
             caps: Caps::ALL,
             read_only: false,
+            single_reactor: false,
         }
     }
 

@@ -174,6 +174,7 @@ impl Backend for RamBackend {
             size: self.disk.len as u64,
             caps: Caps::ALL,
             read_only: false,
+            single_reactor: false,
         }
     }
 

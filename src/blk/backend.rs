@@ -22,6 +22,19 @@ pub struct BackendInfo {
     pub caps: Caps,
     /// The backend can only be written through a read-only view.
     pub read_only: bool,
+    /// All of the device's queues must run on one reactor (a backend that must not be
+    /// reached over several connections, e.g. an NBD server without multi-conn).
+    pub single_reactor: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("this backend cannot change its size")]
+    NotSupported,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
 }
 
 pub trait Backend: Send + Sync {
@@ -32,6 +45,14 @@ pub trait Backend: Send + Sync {
 
     /// Opens the channel one queue uses on the calling reactor.
     fn open_channel(&self, ctx: &mut Ctx<'_>) -> io::Result<Box<dyn Channel>>;
+
+    /// Changes the size to `new` bytes, or, with `None`, re-reads it (a file grown outside
+    /// vubd, a block device resized); returns the size now. Called on a control thread while
+    /// queues run: requests are checked against the device model's capacity, which the
+    /// caller updates afterwards, so a backend must keep serving the old range meanwhile.
+    fn resize(&self, _new: Option<u64>) -> Result<u64, ResizeError> {
+        Err(ResizeError::NotSupported)
+    }
 }
 
 /// The outcome of `Channel::submit`.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 
 use eventfd::EventFd;
-pub use poller::{Armed, Ctx, Poller, PollerId};
+pub use poller::{Armed, Ctx, Poller, PollerId, Spawned};
 pub use reactor::Reactor;
 use stats::{ticks_to_duration, ReactorStats};
 
@@ -132,12 +132,18 @@ impl Engine {
         for (index, &cpu) in cpus.iter().enumerate() {
             let (tx, rx) = crossbeam_channel::unbounded();
             let wake = Arc::new(EventFd::new()?);
-            let thread_wake = Arc::clone(&wake);
+            let handle = ReactorHandle {
+                index,
+                cpu,
+                tx,
+                wake: Arc::clone(&wake),
+            };
+            let thread_handle = handle.clone();
             let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
             let thread = std::thread::Builder::new()
                 .name(format!("reactor_{index}"))
                 .spawn(
-                    move || match Reactor::new(index, cpu, settings, rx, thread_wake) {
+                    move || match Reactor::new(thread_handle, settings, rx, wake) {
                         Ok(r) => {
                             let _ = ready_tx.send(Ok(()));
                             r.run()
@@ -151,12 +157,7 @@ impl Engine {
             ready_rx
                 .recv()
                 .map_err(|_| std::io::Error::other("reactor thread died at start"))??;
-            handles.push(ReactorHandle {
-                index,
-                cpu,
-                tx,
-                wake,
-            });
+            handles.push(handle);
             threads.push(thread);
         }
         Ok(Engine { handles, threads })

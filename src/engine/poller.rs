@@ -10,6 +10,7 @@ use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::uring::Uring;
+use super::ReactorHandle;
 
 /// Names one poller across threads; unique in the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,20 +35,63 @@ pub fn split_user_data(ud: u64) -> (usize, u64) {
     ((ud >> TAG_BITS) as usize, ud & TAG_MASK)
 }
 
+/// Pollers a poller asked for while it ran; the reactor adds them after the call.
+pub type Spawned = Vec<(PollerId, Box<dyn Poller>)>;
+
 /// What a poller may use while its reactor runs it.
 pub struct Ctx<'a> {
     pub ring: &'a mut Uring,
     slot: usize,
     reactor: usize,
+    spawned: Option<&'a mut Spawned>,
+    handle: Option<&'a ReactorHandle>,
 }
 
 impl<'a> Ctx<'a> {
+    /// A context without a reactor around it (tests): pollers cannot be spawned.
     pub fn new(ring: &'a mut Uring, slot: usize, reactor: usize) -> Ctx<'a> {
         Ctx {
             ring,
             slot,
             reactor,
+            spawned: None,
+            handle: None,
         }
+    }
+
+    /// The context a reactor (or a test harness that runs several pollers) gives.
+    pub fn with(
+        ring: &'a mut Uring,
+        slot: usize,
+        reactor: usize,
+        spawned: &'a mut Spawned,
+        handle: Option<&'a ReactorHandle>,
+    ) -> Ctx<'a> {
+        Ctx {
+            ring,
+            slot,
+            reactor,
+            spawned: Some(spawned),
+            handle,
+        }
+    }
+
+    /// Runs `poller` on this reactor too, from after the current call on: how a backend
+    /// starts what serves all its channels on one reactor (a connection, a completion
+    /// router). False where no reactor runs around the caller.
+    pub fn spawn(&mut self, id: PollerId, poller: Box<dyn Poller>) -> bool {
+        match self.spawned.as_deref_mut() {
+            Some(s) => {
+                s.push((id, poller));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How other threads reach this reactor (to hand it work later), if there is one.
+    pub fn handle(&self) -> Option<&ReactorHandle> {
+        self.handle
     }
 
     /// The io_uring user data under which a completion for `tag` comes back to this poller.
@@ -102,6 +146,12 @@ pub trait Poller: Any {
     fn stop(&mut self, ctx: &mut Ctx<'_>);
 
     fn drained(&self) -> bool;
+
+    /// The poller has nothing left to do and may leave the reactor without being stopped
+    /// (a backend connection whose last channel closed).
+    fn done(&self) -> bool {
+        false
+    }
 
     /// For logs: what this poller serves.
     fn describe(&self) -> String;

@@ -10,10 +10,10 @@ use crossbeam_channel::{Receiver, TryRecvError};
 
 use super::epoll::Epoll;
 use super::eventfd::EventFd;
-use super::poller::{split_user_data, Armed, Ctx, Poller, PollerId};
+use super::poller::{split_user_data, Armed, Ctx, Poller, PollerId, Spawned};
 use super::stats::{duration_to_ticks, ticks, ReactorStats};
 use super::uring::Uring;
-use super::{Message, PollMode, Settings};
+use super::{Message, PollMode, ReactorHandle, Settings};
 
 /// Adaptive mode's spin while waiting only for io_uring completions; see `io_spin_ticks`.
 const IO_SPIN: Duration = Duration::from_micros(5);
@@ -42,7 +42,11 @@ pub struct Reactor {
     io_spin_ticks: u64,
     rx: Receiver<Message>,
     wake: Arc<EventFd>,
+    /// This reactor as other threads reach it (handed to pollers that need it).
+    handle: ReactorHandle,
     ring: Uring,
+    /// Pollers spawned by pollers during a call, added right after it.
+    spawned: Spawned,
     epoll: Epoll,
     /// Slot index = io_uring user data high bits; a slot is reused only after its poller has
     /// drained, so no stale CQE can reach a new poller.
@@ -53,12 +57,12 @@ pub struct Reactor {
 
 impl Reactor {
     pub(super) fn new(
-        index: usize,
-        cpu: usize,
+        handle: ReactorHandle,
         settings: Settings,
         rx: Receiver<Message>,
         wake: Arc<EventFd>,
     ) -> std::io::Result<Reactor> {
+        let (index, cpu) = (handle.index, handle.cpu);
         // Built on the reactor's own thread: its state never crosses threads.
         let ring = Uring::new()?;
         // Edge-triggered: a kick fd is never read (a frontend may have made it blocking),
@@ -75,7 +79,9 @@ impl Reactor {
             io_spin_ticks: 0,
             rx,
             wake,
+            handle,
             ring,
+            spawned: Vec::new(),
             epoll,
             slots: Vec::new(),
             stats: ReactorStats::default(),
@@ -125,17 +131,32 @@ impl Reactor {
         id: PollerId,
         make: impl FnOnce(&mut Ctx<'_>) -> Option<Box<dyn Poller>>,
     ) {
-        let slot = match self.slots.iter().position(Option::is_none) {
+        let slot = self.free_slot();
+        let mut ctx = Ctx::with(
+            &mut self.ring,
+            slot,
+            self.index,
+            &mut self.spawned,
+            Some(&self.handle),
+        );
+        let poller = make(&mut ctx);
+        if let Some(p) = poller {
+            self.insert(slot, id, p);
+        }
+        self.add_spawned();
+    }
+
+    fn free_slot(&mut self) -> usize {
+        match self.slots.iter().position(Option::is_none) {
             Some(s) => s,
             None => {
                 self.slots.push(None);
                 self.slots.len() - 1
             }
-        };
-        let mut ctx = Ctx::new(&mut self.ring, slot, self.index);
-        let Some(poller) = make(&mut ctx) else {
-            return;
-        };
+        }
+    }
+
+    fn insert(&mut self, slot: usize, id: PollerId, poller: Box<dyn Poller>) {
         let wake_fds = poller.wake_fds();
         for &fd in &wake_fds {
             if let Err(e) = self.epoll.add_edge(fd, slot as u64) {
@@ -154,6 +175,15 @@ impl Reactor {
             wake_fds,
             on_stopped: None,
         });
+    }
+
+    /// Adds the pollers that pollers spawned.
+    fn add_spawned(&mut self) {
+        while let Some((id, p)) = self.spawned.pop() {
+            // The slot must be reserved before insert: a spawned poller's context has none.
+            let slot = self.free_slot();
+            self.insert(slot, id, p);
+        }
     }
 
     /// The running poller `id`, if it is here and not stopping.
@@ -181,8 +211,15 @@ impl Reactor {
             return;
         }
         s.on_stopped = Some(on_stopped);
-        let mut ctx = Ctx::new(&mut self.ring, slot, index);
+        let mut ctx = Ctx::with(
+            &mut self.ring,
+            slot,
+            index,
+            &mut self.spawned,
+            Some(&self.handle),
+        );
         s.poller.stop(&mut ctx);
+        self.add_spawned();
     }
 
     pub(super) fn run(mut self) -> ReactorStats {
@@ -208,10 +245,17 @@ impl Reactor {
             for slot in 0..self.slots.len() {
                 let index = self.index;
                 if let Some(s) = self.slots[slot].as_mut() {
-                    let mut ctx = Ctx::new(&mut self.ring, slot, index);
+                    let mut ctx = Ctx::with(
+                        &mut self.ring,
+                        slot,
+                        index,
+                        &mut self.spawned,
+                        Some(&self.handle),
+                    );
                     work += s.poller.poll(&mut ctx);
                 }
             }
+            self.add_spawned();
             self.end_pass();
             if let Err(e) = self.ring.submit() {
                 log::error!("reactor_{}: io_uring submit failed: {e}", self.index);
@@ -277,6 +321,7 @@ impl Reactor {
 
     fn reap(&mut self) -> u32 {
         let (slots, ring, index) = (&mut self.slots, &mut self.ring, self.index);
+        let (spawned, handle) = (&mut self.spawned, &self.handle);
         // Completions are collected first: a poller's `complete` may push to the ring.
         let mut done = [(0u64, 0i32); 64];
         let mut total = 0;
@@ -285,12 +330,13 @@ impl Reactor {
             for &(ud, res) in &done[..n] {
                 let (slot, tag) = split_user_data(ud);
                 if let Some(Some(s)) = slots.get_mut(slot) {
-                    let mut ctx = Ctx::new(ring, slot, index);
+                    let mut ctx = Ctx::with(ring, slot, index, spawned, Some(handle));
                     s.poller.complete(&mut ctx, tag, res);
                 }
             }
             total += n as u32;
             if n < done.len() {
+                self.add_spawned();
                 return total;
             }
         }
@@ -300,16 +346,24 @@ impl Reactor {
         for slot in 0..self.slots.len() {
             let index = self.index;
             if let Some(s) = self.slots[slot].as_mut() {
-                let mut ctx = Ctx::new(&mut self.ring, slot, index);
+                let mut ctx = Ctx::with(
+                    &mut self.ring,
+                    slot,
+                    index,
+                    &mut self.spawned,
+                    Some(&self.handle),
+                );
                 s.poller.end_pass(&mut ctx);
             }
         }
+        self.add_spawned();
     }
 
-    /// Lets stopping pollers that have drained go.
+    /// Lets stopping pollers that have drained go, and pollers that say they are done.
     fn retire(&mut self) {
         for slot in 0..self.slots.len() {
-            let done = matches!(&self.slots[slot], Some(s) if s.on_stopped.is_some() && s.poller.drained());
+            let done = matches!(&self.slots[slot],
+                Some(s) if (s.on_stopped.is_some() && s.poller.drained()) || s.poller.done());
             if !done {
                 continue;
             }

@@ -166,12 +166,15 @@ impl Registry {
             cfg.num_queues,
         );
         let mask = cfg.cpumask.as_ref().unwrap_or(&self.engine_mask);
-        let reactors: Vec<ReactorHandle> = self
+        let mut reactors: Vec<ReactorHandle> = self
             .reactors
             .iter()
             .filter(|r| mask.contains(r.cpu))
             .cloned()
             .collect();
+        if info.single_reactor {
+            reactors.truncate(1);
+        }
         let listener = listen(&cfg.socket, &cfg.access).map_err(|err| AddError::Socket {
             name: name.clone(),
             err,
