@@ -1,10 +1,13 @@
-//! The validated configuration: what the engine and each device run with. Built from the
-//! command line (`cli.rs`) or from a TOML file with one `[[device]]` table per device.
+//! The validated configuration: what the engine and each device run with. A device is
+//! described the same way everywhere, with the same keys: a `[[device]]` table of the TOML
+//! file, the parameters of the management socket's `device_add`, and the command line's
+//! flags (`DeviceTable`); one function turns a table into a validated `DeviceConfig`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cpuset::{CpuSet, CpuSetError};
 pub use crate::engine::PollMode;
@@ -25,7 +28,9 @@ pub enum ConfigError {
     },
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
-    #[error("device {0}: exactly one backend is required (--blk-file, --ram or --null)")]
+    #[error(
+        "device {0}: exactly one backend is required (--blk-file, --ram, --null, --nbd or --rbd)"
+    )]
     Backend(String),
     #[error("device {0}: a socket path or --fd is required")]
     Socket(String),
@@ -39,8 +44,6 @@ pub enum ConfigError {
     ReadFile { path: PathBuf, err: std::io::Error },
     #[error("config file {path}: {err}")]
     Toml { path: PathBuf, err: toml::de::Error },
-    #[error("config file {0} has no [[device]] table")]
-    NoDevice(PathBuf),
     #[error("{0}")]
     Other(String),
 }
@@ -51,11 +54,47 @@ pub enum ConfigError {
 /// starts them.
 pub const MAX_QUEUES: u16 = 256;
 
+/// Default time an NBD backend keeps in-flight requests across a lost connection before
+/// failing them (`nbd-timeout-s`).
+pub const DEFAULT_NBD_TIMEOUT_S: u64 = 30;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackendSpec {
-    Null { size: u64 },
-    Ram { size: u64 },
-    File { path: PathBuf, buffered: bool },
+    Null {
+        size: u64,
+    },
+    Ram {
+        size: u64,
+    },
+    File {
+        path: PathBuf,
+        buffered: bool,
+    },
+    /// `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+    Nbd {
+        uri: String,
+        timeout: Duration,
+    },
+    /// A Ceph RBD image, `pool/image`.
+    Rbd {
+        pool: String,
+        image: String,
+        conf: PathBuf,
+        user: String,
+        keyring: Option<PathBuf>,
+    },
+}
+
+impl BackendSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendSpec::Null { .. } => "null",
+            BackendSpec::Ram { .. } => "ram",
+            BackendSpec::File { .. } => "file",
+            BackendSpec::Nbd { .. } => "nbd",
+            BackendSpec::Rbd { .. } => "rbd",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +138,8 @@ pub struct DeviceConfig {
     pub writethrough: bool,
     /// Reactors this device's queues may run on; `None` means the engine's mask.
     pub cpumask: Option<CpuSet>,
+    /// The table it was made from: what saving the configuration writes back.
+    pub table: DeviceTable,
 }
 
 #[derive(Clone, Debug)]
@@ -107,6 +148,8 @@ pub struct EngineConfig {
     pub poll_mode: PollMode,
     pub idle_spin: Duration,
     pub seccomp: SeccompMode,
+    /// Per-request latency histograms (two TSC reads per request).
+    pub latency_histograms: bool,
 }
 
 impl EngineConfig {
@@ -122,6 +165,12 @@ impl EngineConfig {
 pub struct Config {
     pub engine: EngineConfig,
     pub devices: Vec<DeviceConfig>,
+    /// The management socket (JSON-RPC).
+    pub rpc_socket: Option<PathBuf>,
+    /// Where Prometheus metrics are served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The TOML file, when there is one (SIGHUP re-reads its devices).
+    pub file: Option<PathBuf>,
 }
 
 pub const DEFAULT_IDLE_SPIN_US: u64 = 50;
@@ -166,6 +215,7 @@ impl DeviceConfig {
             logical_block_size: 512,
             writethrough: false,
             cpumask: None,
+            table: DeviceTable::default(),
         }
     }
 
@@ -206,7 +256,7 @@ impl DeviceConfig {
                     });
                 }
             }
-            BackendSpec::File { .. } => {}
+            BackendSpec::File { .. } | BackendSpec::Nbd { .. } | BackendSpec::Rbd { .. } => {}
         }
         Ok(())
     }
@@ -245,41 +295,71 @@ pub fn check_new_device<'a>(
     Ok(())
 }
 
-/// One `[[device]]` table of the config file: the same names as the command line flags.
-#[derive(Debug, Deserialize)]
+/// One device: a `[[device]]` table of the config file, the parameters of `device_add`, or
+/// the command line's flags, with the same names everywhere.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct DeviceTable {
-    name: Option<String>,
-    socket_path: Option<PathBuf>,
-    fd: Option<i32>,
-    socket_mode: Option<String>,
-    socket_owner: Option<String>,
-    allow_uid: Option<Vec<u32>>,
-    blk_file: Option<PathBuf>,
-    ram: Option<SizeValue>,
-    null: Option<SizeValue>,
-    #[serde(default)]
-    buffered: bool,
-    #[serde(default)]
-    read_only: bool,
-    #[serde(default)]
-    writethrough: bool,
-    num_queues: Option<u16>,
-    serial: Option<String>,
-    logical_block_size: Option<u32>,
-    cpumask: Option<String>,
+pub struct DeviceTable {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_path: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_owner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_uid: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blk_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ram: Option<SizeValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub null: Option<SizeValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rbd_conf: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rbd_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rbd_keyring: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub buffered: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub writethrough: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logical_block_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpumask: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Sizes may be written as `"64M"` or as a plain number of bytes.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
-enum SizeValue {
+pub enum SizeValue {
     Bytes(u64),
     Text(String),
 }
 
 impl SizeValue {
-    fn bytes(&self) -> Result<u64, ConfigError> {
+    pub fn bytes(&self) -> Result<u64, ConfigError> {
         match self {
             SizeValue::Bytes(n) => Ok(*n),
             SizeValue::Text(t) => parse_size(t),
@@ -287,77 +367,177 @@ impl SizeValue {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileTables {
-    #[serde(default)]
-    device: Vec<DeviceTable>,
+impl DeviceTable {
+    /// The device this table describes, validated as far as that is possible without
+    /// touching the system; `default_name` when the table has none.
+    pub fn to_config(&self, default_name: &str) -> Result<DeviceConfig, ConfigError> {
+        let t = self.clone();
+        let name = t.name.clone().unwrap_or_else(|| default_name.to_string());
+        let backend = backend_from(&name, &t)?;
+        let socket = socket_from(&name, t.socket_path.clone(), t.fd)?;
+        let access = access_from(
+            t.socket_mode.as_deref(),
+            t.socket_owner.as_deref(),
+            t.allow_uid.clone(),
+        )?;
+        let dev = DeviceConfig {
+            socket,
+            access,
+            backend,
+            read_only: t.read_only,
+            num_queues: t.num_queues.unwrap_or(MAX_QUEUES),
+            serial: t.serial.clone().unwrap_or_default(),
+            logical_block_size: t.logical_block_size.unwrap_or(512),
+            writethrough: t.writethrough,
+            cpumask: t.cpumask.as_deref().map(CpuSet::parse).transpose()?,
+            table: DeviceTable {
+                name: Some(name.clone()),
+                ..t
+            },
+            name,
+        };
+        dev.validate()?;
+        Ok(dev)
+    }
 }
 
-/// Reads the devices of a config file.
-pub fn load_devices(path: &Path) -> Result<Vec<DeviceConfig>, ConfigError> {
+/// The engine's keys at the top of the config file (the flags' names); a flag given on the
+/// command line wins over the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EngineTable {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpumask: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub poll_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_spin_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpc_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_histograms: Option<bool>,
+}
+
+/// A whole config file: engine keys, then `[[device]]` tables.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    #[serde(flatten)]
+    pub engine: EngineTable,
+    #[serde(default)]
+    pub device: Vec<DeviceTable>,
+}
+
+/// Reads a config file.
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|err| ConfigError::ReadFile {
         path: path.to_path_buf(),
         err,
     })?;
-    let tables: FileTables = toml::from_str(&text).map_err(|err| ConfigError::Toml {
+    toml::from_str(&text).map_err(|err| ConfigError::Toml {
         path: path.to_path_buf(),
         err,
-    })?;
-    if tables.device.is_empty() {
-        return Err(ConfigError::NoDevice(path.to_path_buf()));
-    }
-    tables
-        .device
-        .into_iter()
+    })
+}
+
+/// The devices of a config file, validated (`devN` names where a table has none).
+pub fn file_devices(file: &FileConfig) -> Result<Vec<DeviceConfig>, ConfigError> {
+    file.device
+        .iter()
         .enumerate()
-        .map(|(i, t)| {
-            let name = t.name.clone().unwrap_or_else(|| format!("dev{i}"));
-            let backend = backend_from(
-                &name,
-                t.blk_file,
-                t.ram.as_ref().map(SizeValue::bytes).transpose()?,
-                t.null.as_ref().map(SizeValue::bytes).transpose()?,
-                t.buffered,
-            )?;
-            let socket = socket_from(&name, t.socket_path, t.fd)?;
-            let access = access_from(
-                t.socket_mode.as_deref(),
-                t.socket_owner.as_deref(),
-                t.allow_uid,
-            )?;
-            let dev = DeviceConfig {
-                name,
-                socket,
-                access,
-                backend,
-                read_only: t.read_only,
-                num_queues: t.num_queues.unwrap_or(MAX_QUEUES),
-                serial: t.serial.unwrap_or_default(),
-                logical_block_size: t.logical_block_size.unwrap_or(512),
-                writethrough: t.writethrough,
-                cpumask: t.cpumask.as_deref().map(CpuSet::parse).transpose()?,
-            };
-            dev.validate()?;
-            Ok(dev)
-        })
+        .map(|(i, t)| t.to_config(&format!("dev{i}")))
         .collect()
 }
 
+/// Reads the devices of a config file.
+pub fn load_devices(path: &Path) -> Result<Vec<DeviceConfig>, ConfigError> {
+    file_devices(&load_file(path)?)
+}
+
+/// The TOML text of an engine and its devices: what starts the same engine and devices.
+pub fn to_toml(engine: &EngineTable, devices: &[DeviceTable]) -> String {
+    let file = FileConfig {
+        engine: engine.clone(),
+        device: devices.to_vec(),
+    };
+    toml::to_string(&file).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}
+
 /// Exactly one backend, as QEMU's vhost-user backends require exactly one image.
-pub fn backend_from(
-    name: &str,
-    file: Option<PathBuf>,
-    ram: Option<u64>,
-    null: Option<u64>,
-    buffered: bool,
-) -> Result<BackendSpec, ConfigError> {
-    match (file, ram, null) {
-        (Some(path), None, None) => Ok(BackendSpec::File { path, buffered }),
-        (None, Some(size), None) => Ok(BackendSpec::Ram { size }),
-        (None, None, Some(size)) => Ok(BackendSpec::Null { size }),
-        _ => Err(ConfigError::Backend(name.to_string())),
+fn backend_from(name: &str, t: &DeviceTable) -> Result<BackendSpec, ConfigError> {
+    let size = |v: &Option<SizeValue>| v.as_ref().map(SizeValue::bytes).transpose();
+    let ram = size(&t.ram)?;
+    let null = size(&t.null)?;
+    let given = [
+        t.blk_file.is_some(),
+        ram.is_some(),
+        null.is_some(),
+        t.nbd.is_some(),
+        t.rbd.is_some(),
+    ];
+    if given.iter().filter(|&&g| g).count() != 1 {
+        return Err(ConfigError::Backend(name.to_string()));
     }
+    let only = |what: &str, ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(ConfigError::Other(format!(
+                "device {name}: {what} applies to another backend"
+            )))
+        }
+    };
+    only("buffered", !t.buffered || t.blk_file.is_some())?;
+    only(
+        "nbd-timeout-s",
+        t.nbd_timeout_s.is_none() || t.nbd.is_some(),
+    )?;
+    only(
+        "rbd-conf, rbd-user and rbd-keyring",
+        (t.rbd_conf.is_none() && t.rbd_user.is_none() && t.rbd_keyring.is_none())
+            || t.rbd.is_some(),
+    )?;
+    if let Some(path) = &t.blk_file {
+        return Ok(BackendSpec::File {
+            path: path.clone(),
+            buffered: t.buffered,
+        });
+    }
+    if let Some(size) = ram {
+        return Ok(BackendSpec::Ram { size });
+    }
+    if let Some(size) = null {
+        return Ok(BackendSpec::Null { size });
+    }
+    if let Some(uri) = &t.nbd {
+        return Ok(BackendSpec::Nbd {
+            uri: uri.clone(),
+            timeout: Duration::from_secs(t.nbd_timeout_s.unwrap_or(DEFAULT_NBD_TIMEOUT_S)),
+        });
+    }
+    let spec = t.rbd.as_deref().unwrap_or_default();
+    let Some((pool, image)) = spec
+        .split_once('/')
+        .filter(|(p, i)| !p.is_empty() && !i.is_empty())
+    else {
+        return Err(ConfigError::Other(format!(
+            "device {name}: rbd must be POOL/IMAGE, got {spec:?}"
+        )));
+    };
+    Ok(BackendSpec::Rbd {
+        pool: pool.to_string(),
+        image: image.to_string(),
+        conf: t
+            .rbd_conf
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/ceph/ceph.conf")),
+        user: t.rbd_user.clone().unwrap_or_else(|| "admin".into()),
+        keyring: t.rbd_keyring.clone(),
+    })
 }
 
 /// `socket-mode`: octal permission bits, `0660` or `660`.

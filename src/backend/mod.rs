@@ -5,8 +5,10 @@
 //! not import the virtio, vhost or registry layers.
 
 mod file;
+mod nbd;
 mod null;
 mod ram;
+mod rbd;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +28,10 @@ pub enum BackendError {
     Io { path: String, err: std::io::Error },
     #[error("cannot allocate a RAM disk of {size} bytes: {err}")]
     Alloc { size: u64, err: std::io::Error },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Connect(String),
 }
 
 /// Opens the backend a device's configuration names.
@@ -36,5 +42,13 @@ pub fn open(spec: &BackendSpec, read_only: bool) -> Result<Arc<dyn Backend>, Bac
         BackendSpec::File { path, buffered } => {
             Arc::new(FileBackend::open(Path::new(path), read_only, *buffered)?)
         }
+        BackendSpec::Nbd { uri, timeout } => nbd::open(uri, *timeout, read_only)?,
+        BackendSpec::Rbd {
+            pool,
+            image,
+            conf,
+            user,
+            keyring,
+        } => rbd::open(pool, image, conf, user, keyring.as_deref(), read_only)?,
     })
 }

@@ -99,7 +99,10 @@ impl<P: Poller> Harness<P> {
                 self.pass();
                 return;
             }
-            assert!(Instant::now() < deadline, "requests did not complete in 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "requests did not complete in 10 s"
+            );
             std::thread::yield_now();
         }
     }
