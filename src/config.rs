@@ -44,6 +44,8 @@ pub enum ConfigError {
     ReadFile { path: PathBuf, err: std::io::Error },
     #[error("config file {path}: {err}")]
     Toml { path: PathBuf, err: toml::de::Error },
+    #[error("a device named {0:?} exists already")]
+    Exists(String),
     #[error("{0}")]
     Other(String),
 }
@@ -280,10 +282,7 @@ pub fn check_new_device<'a>(
     }
     for d in existing {
         if d.name == new.name {
-            return Err(ConfigError::Other(format!(
-                "two devices are named {:?}",
-                new.name
-            )));
+            return Err(ConfigError::Exists(new.name.clone()));
         }
         if d.socket == new.socket {
             return Err(ConfigError::Other(format!(

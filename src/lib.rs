@@ -18,8 +18,10 @@ mod config;
 mod cpuset;
 mod engine;
 mod guestmem;
+mod mgmt;
 mod registry;
 mod sandbox;
+mod service;
 mod users;
 mod vhost;
 mod virtio_blk;
@@ -27,8 +29,11 @@ mod virtio_blk;
 pub use cli::{Args, CAPABILITIES_JSON};
 pub use config::{BackendSpec, Config, ConfigError, DeviceConfig, SocketSpec};
 
+use std::sync::Arc;
+
+use config::EngineTable;
 use registry::control::{block_signals, serve};
-use registry::{AddError, Registry};
+use registry::{AddError, Origin, Registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -38,25 +43,103 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// The engine keys that start the same engine again (what `config_save` writes).
+fn engine_table(config: &Config) -> EngineTable {
+    let e = &config.engine;
+    EngineTable {
+        cpumask: Some(e.cpumask.to_string()),
+        poll_mode: Some(e.poll_mode.as_str().into()),
+        idle_spin_us: Some(e.idle_spin.as_micros() as u64),
+        rpc_socket: config.rpc_socket.clone(),
+        metrics_addr: config.metrics_addr.map(|a| a.to_string()),
+        seccomp: Some(e.seccomp.as_str().into()),
+        latency_histograms: Some(e.latency_histograms),
+    }
+}
+
 /// Starts the reactors, adds every configured device (so bad arguments fail before anything
-/// is served), then serves until SIGINT/SIGTERM.
-pub fn run(config: Config) -> Result<(), RunError> {
+/// is served), starts the management socket and the metrics endpoint, tells systemd it is
+/// ready, then serves until SIGINT/SIGTERM.
+pub fn run(mut config: Config) -> Result<(), RunError> {
+    // Sockets from systemd's socket activation replace the socket-path of the devices they
+    // are named after (FileDescriptorName=).
+    for (name, fd) in service::listen_fds() {
+        match config.devices.iter_mut().find(|d| d.name == name) {
+            Some(d) => {
+                log::info!("device {name}: serving the socket passed as fd {fd}");
+                d.socket = SocketSpec::Fd(fd);
+                d.access.mode = None;
+                d.access.owner = None;
+            }
+            None => log::warn!("socket activation passed {name:?} (fd {fd}): no device has that name"),
+        }
+    }
     sandbox::init(config.engine.seccomp)?;
     let signals = block_signals()?;
     let engine = engine::Engine::start(config.engine.cpumask.cpus(), config.engine.settings())?;
-    let registry = Registry::new(engine.reactors(), config.engine.cpumask.clone())?;
-    for dev in config.devices {
-        if let Err(e) = registry.add(dev) {
+    let registry = Arc::new(Registry::new(
+        engine.reactors(),
+        config.engine.cpumask.clone(),
+        config.engine.settings(),
+        engine_table(&config),
+        config.file.clone(),
+    )?);
+    let origin = if config.file.is_some() {
+        Origin::File
+    } else {
+        Origin::Runtime
+    };
+    let started = (|| -> Result<_, RunError> {
+        for dev in std::mem::take(&mut config.devices) {
+            registry.add(dev, origin)?;
+        }
+        let rpc = match &config.rpc_socket {
+            Some(path) => Some(mgmt::rpc::RpcServer::start(path, Arc::clone(&registry))?),
+            None => None,
+        };
+        if let Some(addr) = config.metrics_addr {
+            mgmt::metrics::start(addr, Arc::clone(&registry))?;
+        }
+        Ok(rpc)
+    })();
+    let _rpc = match started {
+        Ok(rpc) => rpc,
+        Err(e) => {
             registry.shutdown();
             engine.shutdown();
-            return Err(e.into());
+            return Err(e);
         }
-    }
+    };
     // Start-up is over: from here on the control plane makes only the calls it needs.
     sandbox::confine(sandbox::ThreadKind::Control)?;
+    service::notify(&format!(
+        "READY=1\nSTATUS=serving {} device(s)\nMAINPID={}",
+        registry.list().len(),
+        std::process::id()
+    ));
     let result = serve(&registry, signals);
+    service::notify("STOPPING=1");
     engine.shutdown();
     result.map_err(RunError::from)
+}
+
+/// Initializes logging on stderr (`RUST_LOG`, default info); under journald with syslog
+/// priority prefixes instead of timestamps.
+pub fn init_logging() {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if service::stderr_is_journal() {
+        use std::io::Write;
+        b.format(|f, r| {
+            writeln!(
+                f,
+                "<{}>{}: {}",
+                service::priority(r.level()),
+                r.target(),
+                r.args()
+            )
+        });
+    }
+    b.init();
 }
 
 /// What tests, benches and fuzz targets use of the layers.

@@ -5,7 +5,7 @@ use vubd::Config;
 use vubd::{Args, CAPABILITIES_JSON};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    vubd::init_logging();
     // A panicking reactor would leave its queues hanging while the process looks alive:
     // exit instead, so a supervisor restarts the server.
     let default_hook = std::panic::take_hook();

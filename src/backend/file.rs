@@ -8,12 +8,13 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
 use super::BackendError;
-use crate::blk::backend::{BackendInfo, Channel, Submitted};
+use crate::blk::backend::{BackendInfo, Channel, ResizeError, Submitted};
 use crate::blk::model::Caps;
 use crate::blk::{Backend, BlockError, BlockRequest, Op};
 use crate::engine::Ctx;
@@ -24,8 +25,19 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 #[derive(Debug)]
 pub struct FileBackend {
     file: Arc<File>,
-    size: u64,
+    size: AtomicU64,
     read_only: bool,
+    block_device: bool,
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to `size`.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
 }
 
 impl FileBackend {
@@ -46,16 +58,7 @@ impl FileBackend {
         })?;
         let block_device = meta.file_type().is_block_device();
         let size = if block_device {
-            let mut size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to `size`.
-            let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
-            if rc != 0 {
-                return Err(BackendError::Io {
-                    path: name,
-                    err: io::Error::last_os_error(),
-                });
-            }
-            size
+            block_device_size(&file).map_err(|err| BackendError::Io { path: name.clone(), err })?
         } else {
             meta.len()
         };
@@ -66,8 +69,9 @@ impl FileBackend {
         );
         Ok(FileBackend {
             file: Arc::new(file),
-            size,
+            size: AtomicU64::new(size),
             read_only,
+            block_device,
         })
     }
 }
@@ -79,7 +83,7 @@ impl Backend for FileBackend {
 
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            size: self.size,
+            size: self.size.load(Ordering::Relaxed),
             caps: Caps::ALL,
             read_only: self.read_only,
             single_reactor: false,
@@ -91,6 +95,30 @@ impl Backend for FileBackend {
             fd: self.file.as_raw_fd(),
             _file: Arc::clone(&self.file),
         }))
+    }
+
+    /// Files are extended or truncated; without a size (or for a block device, which only
+    /// its owner can resize) the size is read again.
+    fn resize(&self, new: Option<u64>) -> Result<u64, ResizeError> {
+        let size = match (new, self.block_device) {
+            (Some(_), true) => {
+                return Err(ResizeError::Invalid(
+                    "a block device's size is its own: resize it, then resize without a size"
+                        .into(),
+                ))
+            }
+            (Some(_), false) if self.read_only => {
+                return Err(ResizeError::Invalid("the file is open read-only".into()))
+            }
+            (Some(n), false) => {
+                self.file.set_len(n)?;
+                n
+            }
+            (None, true) => block_device_size(&self.file)?,
+            (None, false) => self.file.metadata()?.len(),
+        };
+        self.size.store(size, Ordering::Relaxed);
+        Ok(size)
     }
 }
 

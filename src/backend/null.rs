@@ -2,20 +2,23 @@
 //! overhead: every request completes inline, with no system call.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::blk::backend::{BackendInfo, Channel, Submitted};
+use crate::blk::backend::{BackendInfo, Channel, ResizeError, Submitted};
 use crate::blk::model::Caps;
 use crate::blk::{Backend, BlockRequest, Op};
 use crate::engine::Ctx;
 
 #[derive(Debug)]
 pub struct NullBackend {
-    size: u64,
+    size: AtomicU64,
 }
 
 impl NullBackend {
     pub fn new(size: u64) -> NullBackend {
-        NullBackend { size }
+        NullBackend {
+            size: AtomicU64::new(size),
+        }
     }
 }
 
@@ -26,7 +29,7 @@ impl Backend for NullBackend {
 
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            size: self.size,
+            size: self.size.load(Ordering::Relaxed),
             caps: Caps::ALL,
             read_only: false,
             single_reactor: false,
@@ -35,6 +38,13 @@ impl Backend for NullBackend {
 
     fn open_channel(&self, _ctx: &mut Ctx<'_>) -> io::Result<Box<dyn Channel>> {
         Ok(Box::new(NullChannel))
+    }
+
+    fn resize(&self, new: Option<u64>) -> Result<u64, ResizeError> {
+        if let Some(n) = new {
+            self.size.store(n, Ordering::Relaxed);
+        }
+        Ok(self.size.load(Ordering::Relaxed))
     }
 }
 

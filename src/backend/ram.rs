@@ -1,20 +1,34 @@
 //! RAM disk: one anonymous mapping, huge pages when the host has them reserved. Requests
 //! complete inline with a memcpy, no system call.
+//!
+//! It can grow in place: the mapping reserves address space beyond the disk (PROT_NONE,
+//! costing nothing) and a resize makes more of it usable, so no pointer into it ever moves
+//! while reactors copy. Shrinking gives the tail's memory back (it reads as zeroes) but keeps
+//! it mapped: a request validated against the old size may still be copying there.
 
 use std::alloc::Layout;
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::BackendError;
-use crate::blk::backend::{BackendInfo, Channel, Submitted};
+use crate::blk::backend::{BackendInfo, Channel, ResizeError, Submitted};
 use crate::blk::model::Caps;
 use crate::blk::{Backend, BlockError, BlockRequest, Op};
 use crate::engine::Ctx;
 
+/// How far a RAM disk may grow: four times its first size (address space only).
+const GROWTH: usize = 4;
+
 #[derive(Debug)]
 struct RamDisk {
     base: *mut u8,
-    len: usize,
+    /// Bytes of the disk now (usable, read-write).
+    len: AtomicUsize,
+    /// Bytes reserved from `base` (PROT_NONE beyond those made usable).
+    reserved: usize,
+    /// Bytes ever made usable (a shrink keeps them mapped).
+    usable: Mutex<usize>,
     huge: bool,
 }
 
@@ -50,10 +64,12 @@ impl RamDisk {
                 // SAFETY: layout has non-zero size (checked above).
                 let p = unsafe { hugepage_rs::alloc(layout) };
                 if !p.is_null() {
-                    log::info!("RAM disk of {size} bytes on huge pages");
+                    log::info!("RAM disk of {size} bytes on huge pages (cannot grow)");
                     return Ok(RamDisk {
                         base: p,
-                        len,
+                        len: AtomicUsize::new(len),
+                        reserved: len,
+                        usable: Mutex::new(len),
                         huge: true,
                     });
                 }
@@ -65,12 +81,13 @@ impl RamDisk {
             );
         }
         // MAP_NORESERVE: a large RAM disk costs memory only as it is written, like tmpfs.
+        let reserved = len.saturating_mul(GROWTH);
         // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                reserved,
+                libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
@@ -82,18 +99,56 @@ impl RamDisk {
                 err: io::Error::last_os_error(),
             });
         }
-        Ok(RamDisk {
+        let disk = RamDisk {
             base: p.cast(),
-            len,
+            len: AtomicUsize::new(0),
+            reserved,
+            usable: Mutex::new(0),
             huge: false,
-        })
+        };
+        disk.set_len(len).map_err(|err| BackendError::Alloc { size, err })?;
+        Ok(disk)
+    }
+
+    /// Makes the disk `len` bytes: usable up to there (mprotect within the reservation),
+    /// the tail beyond given back. Existing pointers stay valid.
+    fn set_len(&self, len: usize) -> io::Result<()> {
+        let mut usable = self.usable.lock().unwrap_or_else(|p| p.into_inner());
+        if len > self.reserved {
+            return Err(io::Error::other(format!(
+                "a RAM disk can grow to {} bytes at most",
+                self.reserved
+            )));
+        }
+        if len > *usable {
+            // SAFETY: [base + usable, base + len) lies inside our reservation (checked).
+            let rc = unsafe {
+                libc::mprotect(
+                    self.base.add(*usable).cast(),
+                    len - *usable,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            *usable = len;
+        }
+        let old = self.len.swap(len, Ordering::AcqRel);
+        if len < old && !self.huge {
+            // The tail's pages go back to the system and read as zeroes; they stay mapped
+            // for requests validated against the old size.
+            // SAFETY: [base + len, base + old) is inside the usable mapping.
+            unsafe { libc::madvise(self.base.add(len).cast(), old - len, libc::MADV_DONTNEED) };
+        }
+        Ok(())
     }
 
     /// `[offset, offset + len)` of the disk, if it lies inside. Checked in release builds
     /// too: the copies below rely on it.
     fn range(&self, offset: u64, len: u64) -> Result<usize, BlockError> {
         let end = offset.checked_add(len).ok_or(BlockError::Overflow)?;
-        if end > self.len as u64 {
+        if end > self.len.load(Ordering::Acquire) as u64 {
             return Err(BlockError::OutOfRange);
         }
         Ok(offset as usize)
@@ -140,13 +195,13 @@ impl RamDisk {
 impl Drop for RamDisk {
     fn drop(&mut self) {
         if self.huge {
-            if let Ok(layout) = Layout::from_size_align(self.len, 4096) {
+            if let Ok(layout) = Layout::from_size_align(self.reserved, 4096) {
                 // SAFETY: allocated by hugepage_rs::alloc with this same layout.
                 unsafe { hugepage_rs::dealloc(self.base, layout) };
             }
         } else {
-            // SAFETY: the mapping was created in `new` with this length and is unmapped once.
-            unsafe { libc::munmap(self.base.cast(), self.len) };
+            // SAFETY: the reservation was mapped in `new` with this length, unmapped once.
+            unsafe { libc::munmap(self.base.cast(), self.reserved) };
         }
     }
 }
@@ -171,7 +226,7 @@ impl Backend for RamBackend {
 
     fn info(&self) -> BackendInfo {
         BackendInfo {
-            size: self.disk.len as u64,
+            size: self.disk.len.load(Ordering::Acquire) as u64,
             caps: Caps::ALL,
             read_only: false,
             single_reactor: false,
@@ -182,6 +237,20 @@ impl Backend for RamBackend {
         Ok(Box::new(RamChannel {
             disk: Arc::clone(&self.disk),
         }))
+    }
+
+    fn resize(&self, new: Option<u64>) -> Result<u64, ResizeError> {
+        if let Some(n) = new {
+            let len = usize::try_from(n)
+                .map_err(|_| ResizeError::Invalid(format!("{n} bytes do not fit in memory")))?;
+            if self.disk.huge && len > self.disk.reserved {
+                return Err(ResizeError::Invalid(
+                    "a RAM disk on huge pages cannot grow".into(),
+                ));
+            }
+            self.disk.set_len(len)?;
+        }
+        Ok(self.disk.len.load(Ordering::Acquire) as u64)
     }
 }
 

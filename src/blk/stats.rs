@@ -49,6 +49,13 @@ impl Histogram {
         }
         self.sum_ns = self.sum_ns.wrapping_add(o.sum_ns);
     }
+
+    fn sub(&mut self, o: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(&o.buckets) {
+            *a = a.saturating_sub(*b);
+        }
+        self.sum_ns = self.sum_ns.saturating_sub(o.sum_ns);
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -99,6 +106,21 @@ impl IoStats {
         }
         self.other_errors += o.other_errors;
         self.notifications += o.notifications;
+    }
+
+    /// What happened since `base` was taken (counters only grow; saturating for safety).
+    pub fn since(&self, base: &IoStats) -> IoStats {
+        let mut d = self.clone();
+        for i in 0..Op::COUNT {
+            d.ops[i] = d.ops[i].saturating_sub(base.ops[i]);
+            d.bytes[i] = d.bytes[i].saturating_sub(base.bytes[i]);
+            d.errors[i][0] = d.errors[i][0].saturating_sub(base.errors[i][0]);
+            d.errors[i][1] = d.errors[i][1].saturating_sub(base.errors[i][1]);
+            d.latency[i].sub(&base.latency[i]);
+        }
+        d.other_errors = d.other_errors.saturating_sub(base.other_errors);
+        d.notifications = d.notifications.saturating_sub(base.notifications);
+        d
     }
 }
 

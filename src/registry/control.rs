@@ -8,8 +8,8 @@ use std::os::unix::io::{AsRawFd, FromRawFd};
 
 use super::{Registry, Token};
 
-/// Blocks SIGINT and SIGTERM in the calling thread (and threads spawned after) and returns a
-/// signalfd that reports them. Called before any other thread starts.
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and threads spawned after) and
+/// returns a signalfd that reports them. Called before any other thread starts.
 pub fn block_signals() -> io::Result<File> {
     // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -18,6 +18,7 @@ pub fn block_signals() -> io::Result<File> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
     };
@@ -28,7 +29,8 @@ pub fn block_signals() -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// Serves until SIGINT or SIGTERM, then disconnects every frontend.
+/// Serves until SIGINT or SIGTERM, then disconnects every frontend. SIGHUP reads the config
+/// file again.
 pub fn serve(registry: &Registry, signals: File) -> io::Result<()> {
     registry
         .epoll
@@ -39,8 +41,19 @@ pub fn serve(registry: &Registry, signals: File) -> io::Result<()> {
         for t in tokens {
             match Token::from_u64(t) {
                 Token::Signal => {
+                    // struct signalfd_siginfo: 128 bytes, ssi_signo first.
                     let mut buf = [0u8; 128];
-                    let _ = io::Read::read(&mut &signals, &mut buf);
+                    let n = io::Read::read(&mut &signals, &mut buf).unwrap_or(0);
+                    let signo = if n >= 4 {
+                        u32::from_ne_bytes(buf[..4].try_into().expect("4 bytes"))
+                    } else {
+                        0
+                    };
+                    if signo == libc::SIGHUP as u32 {
+                        log::info!("SIGHUP: reading the config file again");
+                        registry.reload();
+                        continue;
+                    }
                     log::info!("signal received, shutting down");
                     registry.shutdown();
                     return Ok(());

@@ -7,6 +7,8 @@
 //! below imports it.
 
 pub mod control;
+pub mod reload;
+pub mod stats;
 
 use std::collections::BTreeMap;
 use std::os::unix::io::AsRawFd;
@@ -15,13 +17,15 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::backend::{self, BackendError};
+use crate::blk::backend::ResizeError;
 use crate::blk::queues::Queues;
+use crate::blk::stats::IoStats;
 use crate::blk::{Device, DeviceModel};
-use crate::config::{check_new_device, ConfigError, DeviceConfig};
+use crate::config::{check_new_device, ConfigError, DeviceConfig, EngineTable};
 use crate::cpuset::CpuSet;
 use crate::engine::epoll::Epoll;
 use crate::engine::eventfd::EventFd;
-use crate::engine::ReactorHandle;
+use crate::engine::{ReactorHandle, Settings};
 use crate::guestmem::fault;
 use crate::vhost::connection::{Connection, MESSAGE_TIMEOUT};
 use crate::vhost::listener::{listen, Listener, Peer, SocketError};
@@ -39,6 +43,23 @@ pub enum AddError {
     TooSmall { name: String, lbs: u32 },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("no device named {0:?}")]
+    NoSuchDevice(String),
+    #[error("device {0} has a frontend attached (use force to disconnect it)")]
+    Busy(String),
+    #[error("device {name}: {err}")]
+    Resize { name: String, err: ResizeError },
+}
+
+/// Where a device came from: the config file (SIGHUP re-reads those) or at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    File,
+    Runtime,
 }
 
 /// What the control loop's epoll reports.
@@ -76,19 +97,32 @@ impl Token {
 struct Entry {
     id: u64,
     cfg: DeviceConfig,
+    origin: Origin,
     device: Arc<Device>,
     listener: Listener,
     /// The connected frontend and its connection id (which owns its memory mappings).
     conn: Option<(u64, Connection)>,
+    /// What `iostat` reported as zero at its last reset, by queue.
+    iostat_base: BTreeMap<u16, IoStats>,
 }
 
 #[derive(Default)]
 struct Inner {
     devices: BTreeMap<String, Entry>,
+    /// Devices being added (their backends open outside the lock): their names and sockets
+    /// are taken.
+    pending: Vec<DeviceConfig>,
     next_id: u64,
     /// Connection ids are never reused: a mapping of an old connection that faults must not
     /// be blamed on a new one.
     next_conn: u64,
+}
+
+/// The engine as the registry knows it: the settings that can change at run time, and the
+/// keys that saving the configuration writes.
+struct EngineState {
+    settings: Settings,
+    table: EngineTable,
 }
 
 pub struct Registry {
@@ -102,12 +136,21 @@ pub struct Registry {
     ended: Arc<EventFd>,
     /// Written by the SIGBUS handler when it contained a fault.
     poisoned: &'static EventFd,
+    engine: Mutex<EngineState>,
+    /// The config file devices may come from (SIGHUP).
+    file: Option<std::path::PathBuf>,
 }
 
 impl Registry {
     /// Also installs the SIGBUS handler: from now on a frontend's memory that faults costs
     /// that frontend its connection, nothing more.
-    pub fn new(reactors: &[ReactorHandle], engine_mask: CpuSet) -> std::io::Result<Registry> {
+    pub fn new(
+        reactors: &[ReactorHandle],
+        engine_mask: CpuSet,
+        settings: Settings,
+        table: EngineTable,
+        file: Option<std::path::PathBuf>,
+    ) -> std::io::Result<Registry> {
         let (ended_tx, ended_rx) = crossbeam_channel::unbounded();
         // Lives as long as the process: the handler may write it at any time.
         let poisoned: &'static EventFd = Box::leak(Box::new(EventFd::new()?));
@@ -122,6 +165,8 @@ impl Registry {
             ended_rx,
             ended: Arc::new(EventFd::new()?),
             poisoned,
+            engine: Mutex::new(EngineState { settings, table }),
+            file,
         };
         r.epoll.add(r.ended.as_raw_fd(), Token::Ended.to_u64())?;
         r.epoll
@@ -134,14 +179,41 @@ impl Registry {
     }
 
     /// Validates `cfg` against the devices already here, opens its backend, builds its
-    /// model and starts listening on its socket.
-    pub fn add(&self, cfg: DeviceConfig) -> Result<(), AddError> {
+    /// model and starts listening on its socket. The backend is opened without holding the
+    /// registry (a network backend may take seconds): the name and socket are reserved
+    /// meanwhile.
+    pub fn add(&self, cfg: DeviceConfig, origin: Origin) -> Result<(), AddError> {
+        {
+            let mut inner = self.lock();
+            let taken = inner.devices.values().map(|e| &e.cfg).chain(&inner.pending);
+            check_new_device(taken, &cfg, &self.engine_mask)?;
+            inner.pending.push(cfg.clone());
+        }
+        let built = self.build(&cfg);
         let mut inner = self.lock();
-        check_new_device(
-            inner.devices.values().map(|e| &e.cfg),
-            &cfg,
-            &self.engine_mask,
-        )?;
+        inner.pending.retain(|p| p.name != cfg.name);
+        let (device, listener) = built?;
+        let id = inner.next_id;
+        inner.next_id += 1;
+        self.epoll
+            .add(listener.listener.as_raw_fd(), Token::Listener(id).to_u64())?;
+        inner.devices.insert(
+            cfg.name.clone(),
+            Entry {
+                id,
+                cfg,
+                origin,
+                device,
+                listener,
+                conn: None,
+                iostat_base: BTreeMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Opens `cfg`'s backend and socket: the device, not yet registered.
+    fn build(&self, cfg: &DeviceConfig) -> Result<(Arc<Device>, Listener), AddError> {
         let name = cfg.name.clone();
         let backend =
             backend::open(&cfg.backend, cfg.read_only).map_err(|err| AddError::Backend {
@@ -204,21 +276,147 @@ impl Registry {
             reactors,
             queues: Queues::default(),
         });
-        let id = inner.next_id;
-        inner.next_id += 1;
-        self.epoll
-            .add(listener.listener.as_raw_fd(), Token::Listener(id).to_u64())?;
-        inner.devices.insert(
-            name,
-            Entry {
-                id,
-                cfg,
-                device,
-                listener,
-                conn: None,
-            },
-        );
+        Ok((device, listener))
+    }
+
+    /// Removes a device: refused while a frontend is attached unless `force`, which stops
+    /// its rings (in-flight I/O drains: nothing completed is lost) and disconnects it. The
+    /// socket file goes. The drain happens outside the registry lock.
+    pub fn remove(&self, name: &str, force: bool) -> Result<(), DeviceError> {
+        let entry = {
+            let mut inner = self.lock();
+            let e = inner
+                .devices
+                .get(name)
+                .ok_or_else(|| DeviceError::NoSuchDevice(name.into()))?;
+            if e.conn.is_some() && !force {
+                return Err(DeviceError::Busy(name.into()));
+            }
+            let e = inner.devices.remove(name).expect("present");
+            let _ = self.epoll.delete(e.listener.listener.as_raw_fd());
+            e
+        };
+        Self::retire(entry);
+        log::info!("device {name}: removed");
         Ok(())
+    }
+
+    /// Disconnects an entry's frontend (its rings drain) and removes its socket file.
+    fn retire(mut e: Entry) {
+        if let Some((_, c)) = e.conn.take() {
+            c.shut_down();
+            c.join();
+        }
+        if let Some(p) = &e.listener.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Changes a device's size (`None`: read it again from the backend) and tells the
+    /// frontend. Requests are checked against the new capacity from the moment it is set.
+    pub fn resize(&self, name: &str, size: Option<u64>) -> Result<u64, DeviceError> {
+        let (device, conn) = {
+            let inner = self.lock();
+            let e = inner
+                .devices
+                .get(name)
+                .ok_or_else(|| DeviceError::NoSuchDevice(name.into()))?;
+            let conn = e.conn.as_ref().map(|(_, c)| Arc::clone(&c.shared));
+            (Arc::clone(&e.device), conn)
+        };
+        let err = |err| DeviceError::Resize {
+            name: name.into(),
+            err,
+        };
+        let model = &device.model;
+        let lbs = u64::from(model.logical_block_size());
+        let old = model.capacity();
+        if let Some(n) = size {
+            if n == 0 || n % lbs != 0 {
+                return Err(err(ResizeError::Invalid(format!(
+                    "size must be a positive multiple of the {lbs}-byte block size"
+                ))));
+            }
+            // Shrinking: refuse requests beyond the new end before the backend drops it.
+            if n < old {
+                model.set_capacity(n);
+            }
+        }
+        let got = device.backend.resize(size).map_err(|e| {
+            model.set_capacity(old);
+            err(e)
+        })?;
+        let capacity = got - got % lbs;
+        if capacity == 0 {
+            return Err(err(ResizeError::Invalid(
+                "the backend is now smaller than one block".into(),
+            )));
+        }
+        model.set_capacity(capacity);
+        // What saving the configuration writes must start the device at its new size.
+        if let Some(e) = self.lock().devices.get_mut(name) {
+            let t = &mut e.cfg.table;
+            if t.ram.is_some() {
+                t.ram = Some(crate::config::SizeValue::Bytes(capacity));
+            } else if t.null.is_some() {
+                t.null = Some(crate::config::SizeValue::Bytes(capacity));
+            }
+        }
+        let told = match conn.map(|c| c.config_changed()) {
+            Some(Ok(true)) => "the frontend was told",
+            Some(Ok(false)) => "the frontend learns it when it connects again",
+            Some(Err(e)) => {
+                log::warn!("device {name}: cannot announce the new size: {e}");
+                "announcing it failed"
+            }
+            None => "no frontend attached",
+        };
+        log::info!("device {name}: resized to {capacity} bytes ({told})");
+        Ok(capacity)
+    }
+
+    /// The engine's settings now.
+    pub fn settings(&self) -> Settings {
+        self.engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settings
+    }
+
+    /// Changes every reactor's poll mode and idle spin, at once, and remembers it for
+    /// saving the configuration.
+    pub fn set_settings(&self, s: Settings) {
+        {
+            let mut e = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+            e.settings = s;
+            e.table.poll_mode = Some(s.mode.as_str().into());
+            e.table.idle_spin_us = Some(s.idle_spin.as_micros() as u64);
+        }
+        for r in &self.reactors {
+            r.run(move |r| r.set_mode(s));
+        }
+        log::info!(
+            "poll mode {}, idle spin {} us",
+            s.mode.as_str(),
+            s.idle_spin.as_micros()
+        );
+    }
+
+    /// The TOML text that starts the same engine settings and the same devices.
+    pub fn config_toml(&self) -> String {
+        let table = self
+            .engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .table
+            .clone();
+        let devices: Vec<_> = self
+            .lock()
+            .devices
+            .values()
+            .map(|e| e.cfg.table.clone())
+            .collect();
+        crate::config::to_toml(&table, &devices)
     }
 
     fn entry_by_id(inner: &mut Inner, id: u64) -> Option<&mut Entry> {
@@ -337,18 +535,14 @@ impl Registry {
         let entries: Vec<Entry> = std::mem::take(&mut self.lock().devices)
             .into_values()
             .collect();
+        // All at once: each drain runs on its own connection thread.
         for e in &entries {
             if let Some((_, c)) = &e.conn {
                 c.shut_down();
             }
         }
-        for mut e in entries {
-            if let Some((_, c)) = e.conn.take() {
-                c.join();
-            }
-            if let Some(p) = &e.listener.path {
-                let _ = std::fs::remove_file(p);
-            }
+        for e in entries {
+            Self::retire(e);
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+use vhost::vhost_user::{Backend, BackendReqHandler, Error as VhostError};
 
 use super::device::VhostDevice;
 use super::listener::Peer;
@@ -19,11 +19,36 @@ use crate::blk::Device;
 /// read) is disconnected. Handling includes draining rings, which is not counted.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What a connection's thread and the registry share.
+#[derive(Default)]
+pub struct ConnShared {
+    /// The backend request channel (SET_BACKEND_REQ_FD), for CONFIG_CHANGE_MSG.
+    backend: Mutex<Option<Backend>>,
+}
+
+impl ConnShared {
+    pub fn set_backend(&self, b: Option<Backend>) {
+        *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = b;
+    }
+
+    /// Tells the frontend that the config space changed (a resize). Ok(false) if it gave no
+    /// backend request channel (libblkio does not: it learns the size when it connects
+    /// again). Never waits for a reply: see `Backend::send_config_change`.
+    pub fn config_changed(&self) -> std::result::Result<bool, VhostError> {
+        let b = self.backend.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match b {
+            Some(b) => b.send_config_change().map(|()| true),
+            None => Ok(false),
+        }
+    }
+}
+
 pub struct Connection {
     /// A clone of the socket, to shut it down from outside (removal, shutdown).
     sock: UnixStream,
     thread: Option<JoinHandle<()>>,
     pub peer: Option<Peer>,
+    pub shared: Arc<ConnShared>,
 }
 
 impl Connection {
@@ -40,17 +65,20 @@ impl Connection {
         let peer = Peer::of(&stream).ok();
         let thread_sock = stream.try_clone()?;
         let name = format!("vhost-{}", device.name);
+        let shared = Arc::new(ConnShared::default());
+        let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(name.chars().take(15).collect())
             .spawn(move || {
                 crate::sandbox::inherited(crate::sandbox::ThreadKind::Control);
-                serve(stream, thread_sock, device, id, watchdog);
+                serve(stream, thread_sock, device, thread_shared, id, watchdog);
                 on_end();
             })?;
         Ok(Connection {
             sock,
             thread: Some(thread),
             peer,
+            shared,
         })
     }
 
@@ -91,12 +119,14 @@ fn serve(
     stream: UnixStream,
     sock: UnixStream,
     device: Arc<Device>,
+    shared: Arc<ConnShared>,
     id: u64,
     watchdog: Arc<Watchdog>,
 ) {
     let name = Arc::clone(&device.name);
     let handler_device = Arc::new(Mutex::new(VhostDevice::new(
         device,
+        shared,
         id,
         Arc::clone(&watchdog),
     )));

@@ -15,10 +15,11 @@ use vhost::vhost_user::message::{
     VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
     VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
+use vhost::vhost_user::{Backend, Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use virtio_queue::{Queue, QueueT};
 
+use super::connection::ConnShared;
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::vring::Vring;
 use super::watchdog::Watchdog;
@@ -45,13 +46,15 @@ type UserQueue = VirtQueue<EventFdNotifier>;
 
 /// vhost-user protocol features. Never STATUS: the vhost crate has no handler for it.
 /// REPLY_ACK is added by the crate itself. INFLIGHT_SHMFD lets a frontend that reconnects to a
-/// restarted vubd have its in-flight requests resubmitted.
+/// restarted vubd have its in-flight requests resubmitted. BACKEND_REQ gives us the socket on
+/// which a resize is announced (CONFIG_CHANGE_MSG).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 /// The virtio features a vhost-user device offers.
@@ -84,6 +87,8 @@ fn snapshot(p: &mut dyn Poller) -> Option<(IoStats, u32)> {
 
 pub struct VhostDevice {
     device: Arc<Device>,
+    /// What this connection shares with the registry (the backend request channel).
+    shared: Arc<ConnShared>,
     /// The connection's id, for the watchdog.
     conn: u64,
     acked_features: u64,
@@ -97,12 +102,18 @@ pub struct VhostDevice {
 }
 
 impl VhostDevice {
-    pub fn new(device: Arc<Device>, conn: u64, watchdog: Arc<Watchdog>) -> VhostDevice {
+    pub fn new(
+        device: Arc<Device>,
+        shared: Arc<ConnShared>,
+        conn: u64,
+        watchdog: Arc<Watchdog>,
+    ) -> VhostDevice {
         let vrings = (0..device.model.num_queues())
             .map(|_| Vring::default())
             .collect();
         VhostDevice {
             device,
+            shared,
             conn,
             acked_features: 0,
             acked_protocol: 0,
@@ -349,6 +360,7 @@ impl VhostDevice {
         self.reset();
         self.memory.clear();
         self.acked_protocol = 0;
+        self.shared.set_backend(None);
     }
 }
 
@@ -530,6 +542,10 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         );
         self.device.model.set_writeback(on);
         Ok(())
+    }
+
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        self.shared.set_backend(Some(backend));
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
