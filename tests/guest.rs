@@ -181,6 +181,11 @@ fn guest_queues() {
 }
 
 #[test]
+fn guest_resize() {
+    guest_test("resize");
+}
+
+#[test]
 fn guest_fs() {
     guest_test("fs");
 }

@@ -19,7 +19,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 WANT_MODULES=(virtio_pci virtio_blk crc32c_generic ext4)
 # Binaries copied from the host's Debian packages (fio, e2fsprogs, util-linux) into
 # /usr/local/sbin of the guest, each with its shared libraries. busybox provides the rest.
-WANT_BINS=(fio mke2fs e2fsck blkdiscard blockdev fstrim)
+WANT_BINS=(fio mke2fs e2fsck resize2fs blkdiscard blockdev fstrim)
 
 tmp=$(mktemp -d /var/tmp/vubd-guest-build.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT

@@ -25,6 +25,7 @@ declare -A NEED=(
     [fio]=fio
     [mkfs.ext4]=e2fsprogs
     [e2fsck]=e2fsprogs
+    [resize2fs]=e2fsprogs
     [blkdiscard]=util-linux
     [blockdev]=util-linux
     [fstrim]=util-linux

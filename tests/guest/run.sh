@@ -4,7 +4,7 @@
 # by a vubd this script starts, and runs a test inside it (tests/guest/init).
 #
 # Usage: tests/guest/run.sh [TEST...]
-#   TEST: geometry queues fs fio discard restart (default all)
+#   TEST: geometry queues fs fio discard restart resize (default all)
 #
 # Output: the guest's and the host's "VUBD-RESULT test=NAME status=PASS|FAIL key=value..."
 # lines, one "VUBD-TEST name=NAME status=... seconds=..." line per test, and a summary.
@@ -33,7 +33,7 @@ CACHE=${VUBD_GUEST_CACHE:-/var/cache/vubd-guest}
 ACCEL=${VUBD_GUEST_ACCEL:-auto}
 BOOT_TIMEOUT=${VUBD_GUEST_BOOT_TIMEOUT:-300}
 KVM_PROBE_TIMEOUT=${VUBD_GUEST_KVM_PROBE_TIMEOUT:-30}
-ALL_TESTS=(geometry queues fs fio discard restart)
+ALL_TESTS=(geometry queues fs fio discard restart resize)
 DISK_SIZE=$((256 * 1024 * 1024))
 SERIAL=vubd-guest-disk
 GIB=1073741824
@@ -457,6 +457,49 @@ test_restart() {
             rc=1
         }
     fi
+    return $rc
+}
+
+# rpc SOCKET JSON: one JSON-RPC request to vubd's management socket; prints the answer
+rpc() {
+    python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\n")
+print(s.makefile().readline().strip())
+' "$1" "$2"
+}
+
+# resize: the guest mounts an ext4 and waits; the host grows the device through the
+# management socket (device_resize); the guest must see the new size at once (virtio config
+# change) and grow the mounted file system online with resize2fs.
+test_resize() {
+    local name=resize img=$WORK/resize.img rc=0 answer st=PASS
+    truncate -s "$DISK_SIZE" "$img"
+    start_vubd "$name" --blk-file "$img" --num-queues 2 --serial "$SERIAL" \
+        --rpc-socket "$WORK/rpc.sock" || {
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_start"
+        return 1
+    }
+    # shellcheck disable=SC2046
+    start_qemu "$name" "vubd.test=resize" $(vhost_args "$SOCK" 2)
+    if wait_marker "$QEMU_LOG" VUBD-RESIZE-READY "$BOOT_TIMEOUT"; then
+        answer=$(rpc "$WORK/rpc.sock" '{"jsonrpc":"2.0","id":1,"method":"device_resize","params":{"name":"dev0","size":"768M"}}')
+        log "device_resize: $answer"
+        case "$answer" in *'"capacity":805306368'*) ;; *) st=FAIL ;; esac
+    else
+        st=FAIL
+    fi
+    echo "VUBD-RESULT test=resize-host status=$st answer=${answer:-none}"
+    [ $st = PASS ] || rc=1
+    wait_qemu
+    check_run "$name" || rc=1
+    stop_vubd || {
+        echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_exited_early"
+        rc=1
+    }
     return $rc
 }
 
