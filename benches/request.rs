@@ -10,7 +10,8 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vubd::testing::GuestMemoryMmap;
 use vubd::testing::{
-    iovec, mock, open_backend, Backend, GuestRange, Harness, Parser, Request, VIRTIO_BLK_T_IN,
+    iovec, mock, open_backend, Backend, GuestRange, Harness, Parser, QueueStart, Request,
+    VIRTIO_BLK_T_IN,
 };
 use vubd::BackendSpec;
 
@@ -77,17 +78,26 @@ fn parse(c: &mut Criterion) {
 }
 
 /// A whole queue pass on the null backend: pop, parse, check, zero-fill 4 KiB, write status,
-/// add used, statistics, EVENT_IDX notification check. Reported per request at batch sizes 1, 8, 32.
+/// add used, statistics, EVENT_IDX notification check. Reported per request at batch sizes 1, 8, 32,
+/// with latency histograms on (the default) and off ("_nolat").
 fn queue_pass(c: &mut Criterion) {
+    queue_pass_with(c, "queue_pass_null", true);
+    queue_pass_with(c, "queue_pass_null_nolat", false);
+}
+
+fn queue_pass_with(c: &mut Criterion, name: &str, latency: bool) {
     let _ = env_logger::try_init();
-    let mut group = c.benchmark_group("queue_pass_null");
+    let mut group = c.benchmark_group(name);
     for batch in [1u16, 8, 32] {
         let mem = Arc::new(memory());
         let vq = MockSplitQueue::new(&*mem, QUEUE_SIZE);
         for (i, d) in read_chains(&mem, batch).into_iter().enumerate() {
             vq.desc_table().store(i as u16, d).unwrap();
         }
-        let start = mock::queue_start(&vq, QUEUE_SIZE, &mem, null_disk(), "");
+        let start = QueueStart {
+            latency,
+            ..mock::queue_start(&vq, QUEUE_SIZE, &mem, null_disk(), "")
+        };
         let mut h = Harness::new(|ctx| mock::virt_queue(start, ctx));
         group.throughput(Throughput::Elements(u64::from(batch)));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {

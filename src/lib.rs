@@ -71,7 +71,9 @@ pub fn run(mut config: Config) -> Result<(), RunError> {
                 d.access.mode = None;
                 d.access.owner = None;
             }
-            None => log::warn!("socket activation passed {name:?} (fd {fd}): no device has that name"),
+            None => {
+                log::warn!("socket activation passed {name:?} (fd {fd}): no device has that name")
+            }
         }
     }
     sandbox::init(config.engine.seccomp)?;
@@ -156,6 +158,7 @@ pub mod testing {
     pub use crate::engine::uring::Uring;
     pub use crate::engine::{Ctx, Engine, Poller, ReactorHandle, Settings};
     pub use crate::guestmem::GuestMemoryMmap;
+    pub use crate::mgmt::rpc::{decode_line as decode_rpc_line, Decoded as RpcDecoded};
     pub use crate::sandbox::seccomp::{apply as apply_seccomp, EXIT_FORBIDDEN};
     pub use crate::sandbox::{SeccompMode, ThreadKind};
     pub use crate::vhost::device::VhostDevice;

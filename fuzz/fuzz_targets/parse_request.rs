@@ -494,6 +494,7 @@ fn poll_pass(input: &Input, mem: Arc<GuestMemoryMmap>, q: Queue, disk: &Disk, f:
         kick: None,
         inflight,
         resubmit: input.resubmit.iter().take(300).copied().collect(),
+        latency: true,
     };
     let notifier = EventFdNotifier::new(Some(SignalRing::new(&call_eventfd()).expect("call")));
     let mut p = VirtQueue::new(start, notifier, &mut Ctx::new(ring, 0, 0)).expect("channel");

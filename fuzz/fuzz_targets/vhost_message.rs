@@ -683,8 +683,9 @@ fn device() -> VhostDevice {
         backend,
         reactors: engine().reactors().to_vec(),
         queues: Default::default(),
+        latency_histograms: true,
     };
-    VhostDevice::new(Arc::new(device), 0, Arc::clone(watchdog()))
+    VhostDevice::new(Arc::new(device), Arc::default(), 0, Arc::clone(watchdog()))
 }
 
 fuzz_target!(|msgs: Vec<Msg>| {

@@ -58,7 +58,10 @@ impl FileBackend {
         })?;
         let block_device = meta.file_type().is_block_device();
         let size = if block_device {
-            block_device_size(&file).map_err(|err| BackendError::Io { path: name.clone(), err })?
+            block_device_size(&file).map_err(|err| BackendError::Io {
+                path: name.clone(),
+                err,
+            })?
         } else {
             meta.len()
         };

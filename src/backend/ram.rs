@@ -106,7 +106,8 @@ impl RamDisk {
             usable: Mutex::new(0),
             huge: false,
         };
-        disk.set_len(len).map_err(|err| BackendError::Alloc { size, err })?;
+        disk.set_len(len)
+            .map_err(|err| BackendError::Alloc { size, err })?;
         Ok(disk)
     }
 

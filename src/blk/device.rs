@@ -14,6 +14,8 @@ pub struct Device {
     /// The reactors of the device's core mask; queue i runs on `reactors[i % len]`.
     pub reactors: Vec<ReactorHandle>,
     pub queues: Queues,
+    /// Time every request for the latency histograms (two TSC reads per request).
+    pub latency_histograms: bool,
 }
 
 impl Device {

@@ -72,9 +72,9 @@ pub struct IoStats {
 }
 
 impl IoStats {
-    /// A completed request of `op`, `len` bytes, that took `ns`.
+    /// A completed request of `op`, `len` bytes, that took `ns` (when timed).
     #[inline]
-    pub fn complete(&mut self, op: Op, len: u64, ns: u64, result: &Result<(), BlockError>) {
+    pub fn complete(&mut self, op: Op, len: u64, ns: Option<u64>, result: &Result<(), BlockError>) {
         let i = op.index();
         self.ops[i] += 1;
         match result {
@@ -85,7 +85,9 @@ impl IoStats {
             }
             Err(e) => self.errors[i][usize::from(e.status() != super::error::status::IOERR)] += 1,
         }
-        self.latency[i].record(ns);
+        if let Some(ns) = ns {
+            self.latency[i].record(ns);
+        }
     }
 
     pub fn requests(&self) -> u64 {

@@ -13,7 +13,7 @@ use crate::blk::backend::ResizeError;
 use crate::blk::queues::QueueSnapshot;
 use crate::blk::stats::{Histogram, IoStats, STATUS_NAMES};
 use crate::blk::Op;
-use crate::config::{ConfigError, DeviceTable, SizeValue};
+use crate::config::{ConfigError, DeviceConfig, DeviceTable, SizeValue};
 use crate::engine::stats::ticks_to_duration;
 use crate::engine::{PollMode, Settings};
 use crate::registry::stats::DeviceIo;
@@ -117,18 +117,48 @@ struct PollModeParams {
     idle_spin_us: Option<u64>,
 }
 
-/// Runs one method.
-pub fn call(registry: &Registry, method: &str, p: Value) -> Result<Value, RpcError> {
-    match method {
-        "device_add" => device_add(registry, params(p)?),
+/// A request, decoded and validated: nothing has happened yet.
+#[derive(Debug)]
+pub enum Command {
+    DeviceAdd(Box<DeviceConfig>),
+    DeviceRemove {
+        name: String,
+        force: bool,
+    },
+    DeviceList,
+    DeviceResize {
+        name: String,
+        size: Option<u64>,
+    },
+    Iostat {
+        name: Option<String>,
+        reset: bool,
+    },
+    ReactorStats,
+    SetPollMode {
+        mode: PollMode,
+        idle_spin_us: Option<u64>,
+    },
+    ConfigSave,
+    RpcGetMethods,
+    Version,
+    Metrics,
+}
+
+/// Decodes one method's parameters (the part a fuzzer exercises: nothing is executed).
+pub fn parse(method: &str, p: Value) -> Result<Command, RpcError> {
+    Ok(match method {
+        "device_add" => Command::DeviceAdd(Box::new(device_config(params(p)?)?)),
         "device_remove" => {
             let r: Remove = params(p)?;
-            registry.remove(&r.name, r.force)?;
-            Ok(json!({ "name": r.name }))
+            Command::DeviceRemove {
+                name: r.name,
+                force: r.force,
+            }
         }
         "device_list" => {
             params::<Empty>(p)?;
-            Ok(device_list(registry))
+            Command::DeviceList
         }
         "device_resize" => {
             let r: Resize = params(p)?;
@@ -138,52 +168,82 @@ pub fn call(registry: &Registry, method: &str, p: Value) -> Result<Value, RpcErr
                 .map(SizeValue::bytes)
                 .transpose()
                 .map_err(|e| err(INVALID_PARAMS, e.to_string()))?;
-            let capacity = registry.resize(&r.name, size)?;
-            Ok(json!({ "name": r.name, "capacity": capacity }))
+            Command::DeviceResize { name: r.name, size }
         }
         "iostat" => {
             let r: Iostat = params(p)?;
-            let devices = registry.iostat(r.name.as_deref(), r.reset)?;
-            Ok(iostat_json(&devices))
+            Command::Iostat {
+                name: r.name,
+                reset: r.reset,
+            }
         }
         "reactor_stats" => {
             params::<Empty>(p)?;
-            Ok(reactor_stats(registry))
+            Command::ReactorStats
         }
         "engine_set_poll_mode" => {
             let r: PollModeParams = params(p)?;
             let mode: PollMode = r.mode.parse().map_err(|e: String| err(INVALID_PARAMS, e))?;
-            let idle_spin = r
-                .idle_spin_us
-                .map_or(registry.settings().idle_spin, Duration::from_micros);
-            let s = Settings { mode, idle_spin };
-            registry.set_settings(s);
+            Command::SetPollMode {
+                mode,
+                idle_spin_us: r.idle_spin_us,
+            }
+        }
+        "config_save" | "rpc_get_methods" | "version" | "metrics" => {
+            params::<Empty>(p)?;
+            match method {
+                "config_save" => Command::ConfigSave,
+                "rpc_get_methods" => Command::RpcGetMethods,
+                "version" => Command::Version,
+                _ => Command::Metrics,
+            }
+        }
+        other => {
+            return Err(err(
+                METHOD_NOT_FOUND,
+                format!("no method {other:?} (rpc_get_methods lists them)"),
+            ))
+        }
+    })
+}
+
+/// Runs one method.
+pub fn call(registry: &Registry, method: &str, p: Value) -> Result<Value, RpcError> {
+    execute(registry, parse(method, p)?)
+}
+
+pub fn execute(registry: &Registry, cmd: Command) -> Result<Value, RpcError> {
+    match cmd {
+        Command::DeviceAdd(cfg) => device_add(registry, *cfg),
+        Command::DeviceRemove { name, force } => {
+            registry.remove(&name, force)?;
+            Ok(json!({ "name": name }))
+        }
+        Command::DeviceList => Ok(device_list(registry)),
+        Command::DeviceResize { name, size } => {
+            let capacity = registry.resize(&name, size)?;
+            Ok(json!({ "name": name, "capacity": capacity }))
+        }
+        Command::Iostat { name, reset } => {
+            let devices = registry.iostat(name.as_deref(), reset)?;
+            Ok(iostat_json(&devices))
+        }
+        Command::ReactorStats => Ok(reactor_stats(registry)),
+        Command::SetPollMode { mode, idle_spin_us } => {
+            let idle_spin =
+                idle_spin_us.map_or(registry.settings().idle_spin, Duration::from_micros);
+            registry.set_settings(Settings { mode, idle_spin });
             Ok(json!({ "mode": mode.as_str(), "idle-spin-us": idle_spin.as_micros() as u64 }))
         }
-        "config_save" => {
-            params::<Empty>(p)?;
-            Ok(json!({ "toml": registry.config_toml() }))
-        }
-        "rpc_get_methods" => {
-            params::<Empty>(p)?;
-            Ok(json!(METHODS))
-        }
-        "version" => {
-            params::<Empty>(p)?;
-            Ok(json!({ "name": "vubd", "version": env!("CARGO_PKG_VERSION") }))
-        }
-        "metrics" => {
-            params::<Empty>(p)?;
-            Ok(json!({ "text": super::metrics::render(registry) }))
-        }
-        other => Err(err(
-            METHOD_NOT_FOUND,
-            format!("no method {other:?} (rpc_get_methods lists them)"),
-        )),
+        Command::ConfigSave => Ok(json!({ "toml": registry.config_toml() })),
+        Command::RpcGetMethods => Ok(json!(METHODS)),
+        Command::Version => Ok(json!({ "name": "vubd", "version": env!("CARGO_PKG_VERSION") })),
+        Command::Metrics => Ok(json!({ "text": super::metrics::render(registry) })),
     }
 }
 
-fn device_add(registry: &Registry, t: DeviceTable) -> Result<Value, RpcError> {
+/// A device table as `device_add` takes it: validated into a device configuration.
+fn device_config(t: DeviceTable) -> Result<DeviceConfig, RpcError> {
     let name = t
         .name
         .clone()
@@ -194,9 +254,12 @@ fn device_add(registry: &Registry, t: DeviceTable) -> Result<Value, RpcError> {
             "fd is for sockets inherited at start; give a socket-path",
         ));
     }
-    let cfg = t
-        .to_config(&name)
-        .map_err(|e| err(INVALID_PARAMS, e.to_string()))?;
+    t.to_config(&name)
+        .map_err(|e| err(INVALID_PARAMS, e.to_string()))
+}
+
+fn device_add(registry: &Registry, cfg: DeviceConfig) -> Result<Value, RpcError> {
+    let name = cfg.name.clone();
     match registry.add(cfg, Origin::Runtime) {
         Ok(()) => Ok(json!({ "name": name })),
         Err(e @ AddError::Config(ConfigError::Exists(_))) => Err(err(DEVICE_EXISTS, e.to_string())),

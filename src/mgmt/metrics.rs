@@ -68,7 +68,12 @@ pub fn render(registry: &Registry) -> String {
     let mut out = String::new();
     // (op index, completed name, bytes name or "")
     let per_op = [
-        (Op::Read.index(), "vubd_reads_completed_total", "vubd_read_bytes_total", "read"),
+        (
+            Op::Read.index(),
+            "vubd_reads_completed_total",
+            "vubd_read_bytes_total",
+            "read",
+        ),
         (
             Op::Write { fua: false }.index(),
             "vubd_writes_completed_total",
@@ -100,7 +105,11 @@ pub fn render(registry: &Registry) -> String {
         for d in &devices {
             for q in &d.queues {
                 let qs = q.index.to_string();
-                f.sample(completed, &[("device", &d.name), ("queue", &qs)], q.stats.ops[i]);
+                f.sample(
+                    completed,
+                    &[("device", &d.name), ("queue", &qs)],
+                    q.stats.ops[i],
+                );
             }
         }
         if !bytes.is_empty() {
@@ -113,7 +122,11 @@ pub fn render(registry: &Registry) -> String {
             for d in &devices {
                 for q in &d.queues {
                     let qs = q.index.to_string();
-                    f.sample(bytes, &[("device", &d.name), ("queue", &qs)], q.stats.bytes[i]);
+                    f.sample(
+                        bytes,
+                        &[("device", &d.name), ("queue", &qs)],
+                        q.stats.bytes[i],
+                    );
                 }
             }
         }
@@ -156,10 +169,19 @@ pub fn render(registry: &Registry) -> String {
                 for b in 0..BUCKETS {
                     cumulative += h.buckets[b];
                     let le = le_seconds(b);
-                    let labels = [("device", d.name.as_str()), ("queue", &qs), ("op", op), ("le", &le)];
+                    let labels = [
+                        ("device", d.name.as_str()),
+                        ("queue", &qs),
+                        ("op", op),
+                        ("le", &le),
+                    ];
                     f.sample(&format!("{name}_bucket"), &labels, cumulative);
                 }
-                let labels = [("device", d.name.as_str()), ("queue", qs.as_str()), ("op", op)];
+                let labels = [
+                    ("device", d.name.as_str()),
+                    ("queue", qs.as_str()),
+                    ("op", op),
+                ];
                 f.sample(
                     &format!("{name}_sum"),
                     &labels,
@@ -185,12 +207,7 @@ pub fn render(registry: &Registry) -> String {
             );
         }
     }
-    let mut f = Family::new(
-        &mut out,
-        "vubd_capacity_bytes",
-        "gauge",
-        "Device capacity.",
-    );
+    let mut f = Family::new(&mut out, "vubd_capacity_bytes", "gauge", "Device capacity.");
     for d in &devices {
         f.sample("vubd_capacity_bytes", &[("device", &d.name)], d.capacity);
     }
@@ -270,12 +287,12 @@ fn serve(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
             render(registry),
             "text/plain; version=0.0.4; charset=utf-8",
         ),
-        ("GET", _) => ("404 Not Found", "not found: try /metrics\n".into(), "text/plain"),
-        _ => (
-            "405 Method Not Allowed",
-            "only GET\n".into(),
+        ("GET", _) => (
+            "404 Not Found",
+            "not found: try /metrics\n".into(),
             "text/plain",
         ),
+        _ => ("405 Method Not Allowed", "only GET\n".into(), "text/plain"),
     };
     write!(
         stream,

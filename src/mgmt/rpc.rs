@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::methods::{self, RpcError};
+use super::methods::{self, Command, RpcError};
 use crate::registry::Registry;
 
 /// Longest request line accepted (a device table is well under a kilobyte).
@@ -127,67 +127,95 @@ fn serve_client(stream: UnixStream, registry: &Registry) {
     }
 }
 
-/// One request line -> the response line (None for notifications only).
-pub fn handle_line(text: &str, registry: &Registry) -> Option<Value> {
+/// One request of a line, decoded: either already answered (an error), or a command to run
+/// (and answer when it has an id).
+#[derive(Debug)]
+pub enum Decoded {
+    Answer(Value),
+    Run { id: Option<Value>, cmd: Command },
+}
+
+/// A request line decoded, nothing executed yet: the requests, and whether they came as a
+/// batch (then answered as an array).
+pub fn decode_line(text: &str) -> (Vec<Decoded>, bool) {
     let v: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            return Some(error_response(
-                Value::Null,
-                PARSE_ERROR,
-                &format!("parse error: {e}"),
-            ))
+            let a = error_response(Value::Null, PARSE_ERROR, &format!("parse error: {e}"));
+            return (vec![Decoded::Answer(a)], false);
         }
     };
     match v {
-        Value::Array(items) if items.is_empty() => Some(error_response(
-            Value::Null,
-            INVALID_REQUEST,
-            "empty batch",
-        )),
-        Value::Array(items) => {
-            let answers: Vec<Value> = items
-                .into_iter()
-                .filter_map(|i| handle_request(i, registry))
-                .collect();
-            (!answers.is_empty()).then_some(Value::Array(answers))
+        Value::Array(items) if items.is_empty() => {
+            let a = error_response(Value::Null, INVALID_REQUEST, "empty batch");
+            (vec![Decoded::Answer(a)], false)
         }
-        v => handle_request(v, registry),
+        Value::Array(items) => (items.into_iter().map(decode_request).collect(), true),
+        v => (vec![decode_request(v)], false),
     }
 }
 
-fn handle_request(v: Value, registry: &Registry) -> Option<Value> {
+fn decode_request(v: Value) -> Decoded {
     let Value::Object(obj) = v else {
-        return Some(error_response(
+        return Decoded::Answer(error_response(
             Value::Null,
             INVALID_REQUEST,
             "a request is a JSON object",
         ));
     };
     let id = obj.get("id").cloned();
-    let bad_id = matches!(id, Some(Value::Object(_) | Value::Array(_) | Value::Bool(_)));
+    let bad_id = matches!(
+        id,
+        Some(Value::Object(_) | Value::Array(_) | Value::Bool(_))
+    );
     if obj.get("jsonrpc") != Some(&json!("2.0")) || bad_id {
-        return Some(error_response(
+        return Decoded::Answer(error_response(
             id.unwrap_or(Value::Null),
             INVALID_REQUEST,
             "not a JSON-RPC 2.0 request (\"jsonrpc\": \"2.0\", a method, an id)",
         ));
     }
     let Some(Value::String(method)) = obj.get("method") else {
-        return Some(error_response(
+        return Decoded::Answer(error_response(
             id.unwrap_or(Value::Null),
             INVALID_REQUEST,
             "the method must be a string",
         ));
     };
     let params = obj.get("params").cloned().unwrap_or(Value::Null);
-    let result = methods::call(registry, method, params);
-    // A notification (no id) gets no answer, whatever happened.
-    let id = id?;
-    Some(match result {
-        Ok(r) => json!({"jsonrpc": "2.0", "id": id, "result": r}),
-        Err(RpcError { code, message }) => error_response(id, code, &message),
-    })
+    match methods::parse(method, params) {
+        Ok(cmd) => Decoded::Run { id, cmd },
+        // A notification (no id) gets no answer, whatever happened.
+        Err(e) => match id {
+            Some(id) => Decoded::Answer(error_response(id, e.code, &e.message)),
+            None => Decoded::Answer(Value::Null),
+        },
+    }
+}
+
+/// One request line -> the response line (None for notifications only).
+pub fn handle_line(text: &str, registry: &Registry) -> Option<Value> {
+    let (decoded, batch) = decode_line(text);
+    let answers: Vec<Value> = decoded
+        .into_iter()
+        .filter_map(|d| match d {
+            Decoded::Answer(Value::Null) => None,
+            Decoded::Answer(a) => Some(a),
+            Decoded::Run { id, cmd } => {
+                let result = methods::execute(registry, cmd);
+                let id = id?;
+                Some(match result {
+                    Ok(r) => json!({"jsonrpc": "2.0", "id": id, "result": r}),
+                    Err(RpcError { code, message }) => error_response(id, code, &message),
+                })
+            }
+        })
+        .collect();
+    if batch {
+        (!answers.is_empty()).then_some(Value::Array(answers))
+    } else {
+        answers.into_iter().next()
+    }
 }
 
 pub fn error_response(id: Value, code: i64, message: &str) -> Value {

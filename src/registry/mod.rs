@@ -139,6 +139,7 @@ pub struct Registry {
     engine: Mutex<EngineState>,
     /// The config file devices may come from (SIGHUP).
     file: Option<std::path::PathBuf>,
+    latency_histograms: bool,
 }
 
 impl Registry {
@@ -165,6 +166,7 @@ impl Registry {
             ended_rx,
             ended: Arc::new(EventFd::new()?),
             poisoned,
+            latency_histograms: table.latency_histograms.unwrap_or(true),
             engine: Mutex::new(EngineState { settings, table }),
             file,
         };
@@ -275,6 +277,7 @@ impl Registry {
             backend,
             reactors,
             queues: Queues::default(),
+            latency_histograms: self.latency_histograms,
         });
         Ok((device, listener))
     }

@@ -50,7 +50,11 @@ impl Registry {
             if *connected {
                 log::warn!(
                     "SIGHUP: device {name} {} in {} but has a frontend attached; left as it is",
-                    if wanted.contains_key(name) { "changed" } else { "is gone" },
+                    if wanted.contains_key(name) {
+                        "changed"
+                    } else {
+                        "is gone"
+                    },
                     path.display()
                 );
                 continue;
@@ -88,7 +92,12 @@ impl Registry {
         if new != now {
             self.set_settings(new);
         }
-        let old = self.engine.lock().unwrap_or_else(|p| p.into_inner()).table.clone();
+        let old = self
+            .engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .table
+            .clone();
         if t.cpumask != old.cpumask
             || t.rpc_socket != old.rpc_socket
             || t.metrics_addr != old.metrics_addr

@@ -98,7 +98,11 @@ impl Registry {
                 .get(n)
                 .map(|e| vec![Arc::clone(&e.device)])
                 .ok_or_else(|| DeviceError::NoSuchDevice(n.into())),
-            None => Ok(inner.devices.values().map(|e| Arc::clone(&e.device)).collect()),
+            None => Ok(inner
+                .devices
+                .values()
+                .map(|e| Arc::clone(&e.device))
+                .collect()),
         }
     }
 

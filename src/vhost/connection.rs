@@ -35,7 +35,11 @@ impl ConnShared {
     /// backend request channel (libblkio does not: it learns the size when it connects
     /// again). Never waits for a reply: see `Backend::send_config_change`.
     pub fn config_changed(&self) -> std::result::Result<bool, VhostError> {
-        let b = self.backend.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let b = self
+            .backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         match b {
             Some(b) => b.send_config_change().map(|()| true),
             None => Ok(false),

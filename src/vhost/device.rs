@@ -199,6 +199,7 @@ impl VhostDevice {
             kick,
             inflight,
             resubmit,
+            latency: self.device.latency_histograms,
         };
         let id = PollerId::next();
         v.poller = Some(id);

@@ -68,6 +68,7 @@ pub fn queue_start(
         kick: None,
         inflight: None,
         resubmit: Vec::new(),
+        latency: true,
     }
 }
 

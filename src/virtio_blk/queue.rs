@@ -40,6 +40,8 @@ pub struct QueueStart {
     pub inflight: Option<InflightQueue>,
     /// Heads a previous backend took and never completed, oldest first.
     pub resubmit: Vec<u16>,
+    /// Time each request for the latency histograms.
+    pub latency: bool,
 }
 
 /// One request whose backend has not answered yet. Indexed by its head descriptor index,
@@ -90,6 +92,8 @@ pub struct VirtQueue<N: Notifier> {
     broken: bool,
     stopping: bool,
     stats: Box<IoStats>,
+    /// Latency histograms on: requests are timed (TSC), `scale` converts.
+    latency: bool,
     scale: TickScale,
     log_limit: RateLimit,
     inflight: Option<InflightQueue>,
@@ -123,6 +127,7 @@ impl<N: Notifier> VirtQueue<N> {
             broken: false,
             stopping: false,
             stats: Box::default(),
+            latency: start.latency,
             scale: TickScale::new(),
             log_limit: RateLimit::new(),
             inflight: start.inflight,
@@ -243,7 +248,7 @@ impl<N: Notifier> VirtQueue<N> {
             self.write_status(status_addr, status::OK);
             return self.add_used(head, n + 1);
         }
-        let start = ticks();
+        let start = if self.latency { ticks() } else { 0 };
         let (op, offset, len) = match self.req.block_op(&self.model) {
             Ok(v) => v,
             Err(e) => return self.fail_early(head, status_addr, e),
@@ -331,7 +336,9 @@ impl<N: Notifier> VirtQueue<N> {
         result: Result<(), BlockError>,
         mem: Option<Arc<GuestMemoryMmap>>,
     ) {
-        let ns = self.scale.to_ns(ticks().wrapping_sub(start));
+        let ns = self
+            .latency
+            .then(|| self.scale.to_ns(ticks().wrapping_sub(start)));
         self.stats.complete(req.op, req.len, ns, &result);
         let (st, used) = match &result {
             Ok(()) => (status::OK, used_len),
