@@ -88,3 +88,83 @@ fn forbidden_calls_stop_the_process() {
         "{stderr}"
     );
 }
+
+/// A reactor's free() may open /proc/sys/vm/overcommit_memory (glibc, the first time a
+/// thread's heap shrinks). Regression: three devices with a frontend each, then SIGTERM:
+/// the reactors drop the queues, glibc shrinks their heaps, and the filter stopped the
+/// process (exit 159) instead of a clean exit.
+#[test]
+fn shutdown_with_frontends_attached_is_clean() {
+    let dir = test_dir();
+    let file = create_file(dir.path(), "disk.img", 16 << 20);
+    let sockets: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| dir.path().join(format!("{n}.sock")))
+        .collect();
+    let config = dir.path().join("vubd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cpumask = \"{}\"\n\
+             [[device]]\nsocket-path = \"{}\"\nblk-file = \"{}\"\n\
+             [[device]]\nsocket-path = \"{}\"\nram = \"16M\"\n\
+             [[device]]\nsocket-path = \"{}\"\nnull = \"16M\"\n",
+            two_cpu_mask(),
+            sockets[0].display(),
+            file.display(),
+            sockets[1].display(),
+            sockets[2].display(),
+        ),
+    )
+    .unwrap();
+    let mut server = Server::start_config(dir.path(), "vubd", &config, &sockets);
+    let mut clients: Vec<Client> = sockets.iter().map(|s| Client::connect(s, 1)).collect();
+    for c in &mut clients[..2] {
+        let data = pattern(3, 4096, 8192);
+        ok("write", c.disk().write(4096, &data));
+        assert_bytes_eq("read back", &ok("read", c.disk().read(4096, 8192)), &data);
+    }
+    let status = server.terminate();
+    let stderr = server.stderr();
+    assert!(status.success(), "vubd exited {status}; stderr:\n{stderr}");
+    assert!(!stderr.contains("seccomp"), "{stderr}");
+    drop(clients);
+}
+
+/// Child side of `threads_without_files_get_eacces_from_open`.
+#[test]
+fn open_refused_child() {
+    if std::env::var_os("VUBD_SECCOMP_OPEN_CHILD").is_none() {
+        return;
+    }
+    apply_seccomp(ThreadKind::Reactor, SeccompMode::On).expect("filter");
+    let path = c"/proc/sys/vm/overcommit_memory";
+    // SAFETY: a plain system call with a NUL-terminated path.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    // SAFETY: write(2) to stdout, which the reactor filter allows (println! might not).
+    let line = format!("open returned {fd}, errno {errno:?}\n");
+    unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+}
+
+#[test]
+fn threads_without_files_get_eacces_from_open() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "open_refused_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("VUBD_SECCOMP_OPEN_CHILD", "1")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains(&format!("open returned -1, errno Some({})", libc::EACCES)),
+        "status {:?}\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+}
