@@ -453,6 +453,7 @@ pub fn file_devices(file: &FileConfig) -> Result<Vec<DeviceConfig>, ConfigError>
 }
 
 /// Reads the devices of a config file.
+#[cfg(test)]
 pub fn load_devices(path: &Path) -> Result<Vec<DeviceConfig>, ConfigError> {
     file_devices(&load_file(path)?)
 }

@@ -142,8 +142,9 @@ fn open_refused_child() {
     // SAFETY: a plain system call with a NUL-terminated path.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     let errno = std::io::Error::last_os_error().raw_os_error();
-    // SAFETY: write(2) to stdout, which the reactor filter allows (println! might not).
     let line = format!("open returned {fd}, errno {errno:?}\n");
+    // SAFETY: write(2) of a byte buffer to stdout, which the reactor filter allows (println!
+    // might take locks or allocate in ways the filter does not expect).
     unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
 }
 

@@ -195,7 +195,7 @@ fn sighup_rereads_the_config_file() {
         ),
     )
     .unwrap();
-    let mut server = Server::start_config(d, "vubd", &config, &[rpc.clone()]);
+    let mut server = Server::start_config(d, "vubd", &config, std::slice::from_ref(&rpc));
     // A frontend on "busy": changing or removing it must leave it alone.
     let mut busy = Client::connect(&d.join("busy.sock"), 1);
     ok("write", busy.disk().write(0, &pattern(5, 0, 4096)));

@@ -234,6 +234,10 @@ impl Backend for RamBackend {
         }
     }
 
+    fn process_local(&self) -> bool {
+        true
+    }
+
     fn open_channel(&self, _ctx: &mut Ctx<'_>) -> io::Result<Box<dyn Channel>> {
         Ok(Box::new(RamChannel {
             disk: Arc::clone(&self.disk),

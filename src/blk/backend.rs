@@ -53,6 +53,12 @@ pub trait Backend: Send + Sync {
     fn resize(&self, _new: Option<u64>) -> Result<u64, ResizeError> {
         Err(ResizeError::NotSupported)
     }
+
+    /// The data lives in this process only (a RAM disk): no other process can serve it, so a
+    /// VM using the device cannot live-migrate (no dirty logging is offered).
+    fn process_local(&self) -> bool {
+        false
+    }
 }
 
 /// The outcome of `Channel::submit`.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 
 use eventfd::EventFd;
-pub use poller::{Armed, Ctx, Poller, PollerId, Spawned};
+pub use poller::{Armed, Ctx, Poller, PollerId};
 pub use reactor::Reactor;
 use stats::{ticks_to_duration, ReactorStats};
 

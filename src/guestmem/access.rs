@@ -72,3 +72,20 @@ pub fn write_u8(mem: &GuestMemoryMmap, addr: GuestAddress, v: u8) -> bool {
         None => mem.write_obj(v, addr).is_ok(),
     }
 }
+
+/// Marks dirty the guest pages behind `[p, p + len)`, a host range inside one region of
+/// `mem` (an iovec the backend filled). For the dirty log while it is on: a linear walk over
+/// the regions, which are few.
+pub fn mark_host_range(mem: &GuestMemoryMmap, p: *const u8, len: usize) {
+    let a = p as usize;
+    for r in mem.iter() {
+        let Ok(base) = r.get_host_address(MemoryRegionAddress(0)) else {
+            continue;
+        };
+        let off = a.wrapping_sub(base as usize);
+        if a >= base as usize && (off as u64) < r.len() {
+            r.bitmap().mark_dirty(off, len);
+            return;
+        }
+    }
+}

@@ -207,11 +207,6 @@ pub fn parse(method: &str, p: Value) -> Result<Command, RpcError> {
     })
 }
 
-/// Runs one method.
-pub fn call(registry: &Registry, method: &str, p: Value) -> Result<Value, RpcError> {
-    execute(registry, parse(method, p)?)
-}
-
 pub fn execute(registry: &Registry, cmd: Command) -> Result<Value, RpcError> {
     match cmd {
         Command::DeviceAdd(cfg) => device_add(registry, *cfg),

@@ -8,6 +8,7 @@ use std::os::unix::io::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::guestmem::dirty::{DirtyLog, LogArea};
 use crate::guestmem::GuestMemoryMmap;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -44,22 +45,41 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The queue type vhost-user runs on reactors.
 type UserQueue = VirtQueue<EventFdNotifier>;
 
+/// The device logs the guest pages it writes to the log SET_LOG_BASE shared (migration).
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
 /// vhost-user protocol features. Never STATUS: the vhost crate has no handler for it.
 /// REPLY_ACK is added by the crate itself. INFLIGHT_SHMFD lets a frontend that reconnects to a
 /// restarted vubd have its in-flight requests resubmitted. BACKEND_REQ gives us the socket on
-/// which a resize is announced (CONFIG_CHANGE_MSG).
-pub fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
+/// which a resize is announced (CONFIG_CHANGE_MSG). LOG_SHMFD (the log as shared memory) with
+/// VHOST_F_LOG_ALL makes live migration possible, for every backend whose data another
+/// process can reach (not a RAM disk: QEMU then refuses to migrate, naming the feature).
+pub fn protocol_features(device: &Device) -> VhostUserProtocolFeatures {
+    let base = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::BACKEND_REQ;
+    if migratable(device) {
+        base | VhostUserProtocolFeatures::LOG_SHMFD
+    } else {
+        base
+    }
+}
+
+fn migratable(device: &Device) -> bool {
+    !device.backend.process_local()
 }
 
 /// The virtio features a vhost-user device offers.
 fn features(device: &Device) -> u64 {
-    device_features(&device.model) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    let log = if migratable(device) {
+        VHOST_F_LOG_ALL
+    } else {
+        0
+    };
+    device_features(&device.model) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | log
 }
 
 /// A call fd, checked and set up to be signalled without ever blocking a reactor.
@@ -94,6 +114,8 @@ pub struct VhostDevice {
     acked_features: u64,
     acked_protocol: u64,
     memory: MemoryTable,
+    /// The dirty log of a migration, shared with every region of `memory`.
+    log: Arc<DirtyLog>,
     vrings: Vec<Vring>,
     /// INFLIGHT_SHMFD region, kept by the frontend across restarts of vubd.
     inflight: Option<Arc<InflightRegion>>,
@@ -111,13 +133,15 @@ impl VhostDevice {
         let vrings = (0..device.model.num_queues())
             .map(|_| Vring::default())
             .collect();
+        let log = Arc::new(DirtyLog::default());
         VhostDevice {
             device,
             shared,
             conn,
             acked_features: 0,
             acked_protocol: 0,
-            memory: MemoryTable::new(conn),
+            memory: MemoryTable::new(conn, Arc::clone(&log)),
+            log,
             vrings,
             inflight: None,
             watchdog,
@@ -342,6 +366,30 @@ impl VhostDevice {
         });
     }
 
+    /// Waits until every reactor that runs (or ran) a queue of this device has gone through
+    /// its loop once: from then on none uses a dirty log pointer it loaded before.
+    fn quiesce(&self) {
+        let mut seen = Vec::new();
+        let mut waits = Vec::new();
+        for q in 0..self.device.model.num_queues() {
+            let reactor = self.device.placement(q);
+            if seen.contains(&reactor.index) {
+                continue;
+            }
+            seen.push(reactor.index);
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            reactor.run(move |_| {
+                let _ = tx.send(());
+            });
+            waits.push(rx);
+        }
+        self.watchdog.paused(self.conn, || {
+            for rx in waits {
+                let _ = rx.recv_timeout(STOP_TIMEOUT);
+            }
+        });
+    }
+
     /// RESET_DEVICE / RESET_OWNER: stop every ring and return the device to its initial
     /// state. The memory table and the protocol features belong to the connection and stay
     /// (QEMU resets the device on guest driver resets and does not share its memory again).
@@ -352,6 +400,9 @@ impl VhostDevice {
         }
         self.inflight = None;
         self.acked_features = 0;
+        // The rings are stopped: nothing marks any more. The logs stay mapped until the next
+        // SET_LOG_BASE prunes them or the connection ends.
+        self.log.disable();
         self.device.model.reset();
     }
 
@@ -389,6 +440,17 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
             return Err(invalid("frontend acked features that were not offered"));
         }
         self.acked_features = features_acked;
+        // QEMU turns logging on and off with the rings running: the running reactors must
+        // log before we answer (QEMU copies memory from then on).
+        let on = features_acked & VHOST_F_LOG_ALL != 0;
+        if self.log.set_enabled(on) {
+            self.quiesce();
+            log::info!(
+                "device {}: dirty page logging {}",
+                self.name(),
+                if on { "on (migration)" } else { "off" }
+            );
+        }
         Ok(())
     }
 
@@ -485,12 +547,12 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
-        Ok(protocol_features())
+        Ok(protocol_features(&self.device))
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
         // The vhost crate adds REPLY_ACK to what we offer.
-        let offered = protocol_features() | VhostUserProtocolFeatures::REPLY_ACK;
+        let offered = protocol_features(&self.device) | VhostUserProtocolFeatures::REPLY_ACK;
         if features & !offered.bits() != 0 {
             return Err(invalid(
                 "frontend acked protocol features that were not offered",
@@ -608,6 +670,12 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
             Error::InvalidParam
         })?;
         self.publish_memory();
+        log::info!(
+            "device {}: memory region added: guest {:#x}, {} MiB",
+            self.name(),
+            { region.guest_phys_addr },
+            { region.memory_size } >> 20
+        );
         Ok(None)
     }
 
@@ -619,6 +687,12 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
                 Error::InvalidParam
             })?;
         self.publish_memory();
+        log::info!(
+            "device {}: memory region removed: guest {:#x}, {} MiB",
+            self.name(),
+            { region.guest_phys_addr },
+            { region.memory_size } >> 20
+        );
         Ok(())
     }
 
@@ -639,7 +713,26 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         Err(invalid("shared memory regions are not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        Err(invalid("dirty logging is not supported"))
+    /// SET_LOG_BASE (the vhost crate checked LOG_SHMFD and sends the reply). The new log
+    /// takes over at once; the old ones are unmapped once no reactor can be marking them.
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        let area = LogArea::map(&file, log.mmap_offset, log.mmap_size, self.conn).map_err(|e| {
+            log::warn!("device {}: SET_LOG_BASE refused: {e}", self.name());
+            Error::InvalidParam
+        })?;
+        let on = self.log.set_area(area);
+        self.quiesce();
+        self.log.prune();
+        log::info!(
+            "device {}: dirty log of {} bytes shared (logging {})",
+            self.name(),
+            log.mmap_size,
+            if on {
+                "on"
+            } else {
+                "off until VHOST_F_LOG_ALL"
+            }
+        );
+        Ok(())
     }
 }

@@ -10,6 +10,7 @@ use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::GuestAddress;
 
+use crate::guestmem::dirty::DirtyLog;
 use crate::guestmem::fault::Owner;
 use crate::guestmem::mapping::Mapping;
 use crate::guestmem::{FrontendBitmap, GuestMemoryMmap, GuestRegionMmap};
@@ -44,6 +45,8 @@ struct Region {
 pub struct MemoryTable {
     /// The connection the mappings belong to (SIGBUS containment).
     owner: Owner,
+    /// The connection's dirty log, which every region marks.
+    log: Arc<DirtyLog>,
     regions: Vec<Region>,
     snapshot: Option<Arc<GuestMemoryMmap>>,
 }
@@ -72,9 +75,10 @@ fn overlaps(a_start: u64, a_size: u64, b_start: u64, b_size: u64) -> bool {
 }
 
 impl MemoryTable {
-    pub fn new(owner: Owner) -> MemoryTable {
+    pub fn new(owner: Owner, log: Arc<DirtyLog>) -> MemoryTable {
         MemoryTable {
             owner,
+            log,
             regions: Vec::new(),
             snapshot: None,
         }
@@ -93,11 +97,14 @@ impl MemoryTable {
         // `Mapping` that the region's bitmap keeps alive for as long as the region exists;
         // vm-memory does not own it and never unmaps it.
         let mmap = unsafe {
-            MmapRegionBuilder::new_with_bitmap(len, FrontendBitmap::new(mapping))
-                .with_raw_mmap_pointer(ptr)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_SHARED)
-                .build()
+            MmapRegionBuilder::new_with_bitmap(
+                len,
+                FrontendBitmap::new(mapping, Arc::clone(&self.log), r.guest_phys_addr),
+            )
+            .with_raw_mmap_pointer(ptr)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .build()
         }
         .map_err(|e| MemoryError::Map(e.to_string()))?;
         let mapped = GuestRegionMmap::new(mmap, GuestAddress(r.guest_phys_addr))
@@ -208,7 +215,7 @@ mod tests {
 
     #[test]
     fn translate_add_remove() {
-        let mut t = MemoryTable::new(1);
+        let mut t = MemoryTable::new(1, Arc::default());
         let r = VhostUserMemoryRegion::new(0x10000, 0x4000, 0x7f00_0000, 0);
         t.add(&r, memfile(0x4000)).unwrap();
         assert_eq!(t.vva_to_gpa(0x7f00_0010, 16), Some(GuestAddress(0x10010)));
@@ -222,7 +229,7 @@ mod tests {
 
     #[test]
     fn hostile_regions_are_refused() {
-        let mut t = MemoryTable::new(1);
+        let mut t = MemoryTable::new(1, Arc::default());
         let zero = VhostUserMemoryRegion::new(0, 0, 0x1000, 0);
         assert_eq!(t.add(&zero, memfile(0x1000)), Err(MemoryError::Invalid));
         let overflow = VhostUserMemoryRegion::new(u64::MAX - 0xfff, 0x2000, 0x1000, 0);

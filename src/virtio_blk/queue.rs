@@ -23,6 +23,7 @@ use crate::engine::poller::BACKGROUND;
 use crate::engine::ratelimit::RateLimit;
 use crate::engine::stats::{ticks, TickScale};
 use crate::engine::{Armed, Ctx, Poller};
+use crate::guestmem::dirty::DirtyLog;
 use crate::guestmem::{access, GuestMemoryMmap};
 
 /// Everything a reactor needs to start polling a queue. The control plane has validated the
@@ -99,6 +100,31 @@ pub struct VirtQueue<N: Notifier> {
     inflight: Option<InflightQueue>,
     /// Heads to resubmit after a restart, last one first.
     resubmit: Vec<u16>,
+    /// The connection's dirty log (it comes with the memory): buffers filled by reads are
+    /// marked when they complete, while a migration runs.
+    log: Option<Arc<DirtyLog>>,
+}
+
+/// The dirty log the regions of `mem` mark (one per connection), if any.
+fn log_of(mem: &GuestMemoryMmap) -> Option<Arc<DirtyLog>> {
+    use vm_memory::GuestMemoryBackend;
+    mem.iter()
+        .next()
+        .and_then(|r| std::ops::Deref::deref(r).bitmap().log().cloned())
+}
+
+/// Marks the buffers a completed read filled (the kernel wrote them, not vm-memory).
+fn mark_read(mem: &GuestMemoryMmap, req: &BlockRequest) {
+    if req.iov.is_null() {
+        return;
+    }
+    // SAFETY: `req.iov` points to `iov_count` iovecs built for this request, in its slot or
+    // in the scratch array; neither is touched again before the request's used entry is
+    // added, which happens after this.
+    let iovecs = unsafe { std::slice::from_raw_parts(req.iov, req.iov_count as usize) };
+    for v in iovecs {
+        access::mark_host_range(mem, v.iov_base.cast_const().cast(), v.iov_len);
+    }
 }
 
 impl<N: Notifier> VirtQueue<N> {
@@ -107,6 +133,7 @@ impl<N: Notifier> VirtQueue<N> {
         let size = usize::from(start.queue.size());
         let channel = start.backend.open_channel(ctx)?;
         let inline = channel.completes_inline();
+        let log = log_of(&start.mem);
         let mut q = VirtQueue {
             device: start.device,
             index: start.index,
@@ -132,6 +159,7 @@ impl<N: Notifier> VirtQueue<N> {
             log_limit: RateLimit::new(),
             inflight: start.inflight,
             resubmit: start.resubmit.into_iter().rev().collect(),
+            log,
         };
         // A backend killed between publishing used entries and signalling them leaves the
         // driver waiting for completions already in the used ring: a queue that starts
@@ -153,6 +181,9 @@ impl<N: Notifier> VirtQueue<N> {
     }
 
     pub fn set_memory(&mut self, mem: Arc<GuestMemoryMmap>) {
+        if self.log.is_none() {
+            self.log = log_of(&mem);
+        }
         self.mem = mem;
     }
 
@@ -346,6 +377,9 @@ impl<N: Notifier> VirtQueue<N> {
         };
         // The status byte goes through the snapshot the request was parsed against.
         let mem = mem.as_deref().unwrap_or(&self.mem);
+        if result.is_ok() && req.op == Op::Read && self.log.as_ref().is_some_and(|l| l.is_on()) {
+            mark_read(mem, req);
+        }
         // The address was validated at parse time against this same memory.
         let _ = access::write_u8(mem, status_addr, st);
         self.add_used(head, used);
