@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 /// The tool, or None after saying loudly why the test cannot run.
 fn need(tool: &str) -> Option<String> {
+    have_tool(tool);
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
@@ -21,7 +22,7 @@ fn need(tool: &str) -> Option<String> {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     if found.is_none() {
-        eprintln!("SKIPPED: {tool} is missing (Debian package prometheus; .ci/run installs it)");
+        eprintln!("SKIPPED: {tool} is missing (Debian package prometheus; tests/install-deps.sh installs it)");
         assert_eq!(
             std::env::var("VUBD_ALLOW_PROMETHEUS_SKIP").as_deref(),
             Ok("1"),

@@ -21,6 +21,7 @@ fn vubd() -> &'static str {
 
 #[test]
 fn unit_files_pass_systemd_analyze_verify() {
+    have_tool("systemd-analyze");
     let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
         eprintln!("SKIPPED: systemd-analyze is missing (Debian package systemd)");
         assert_eq!(

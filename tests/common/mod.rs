@@ -675,3 +675,33 @@ pub fn ok<T>(what: &str, r: IoResult<T>) -> T {
         ),
     }
 }
+
+/// Whether `tool` is on PATH. If it is not and the tests run as root, the test dependencies
+/// are installed first (tests/install-deps.sh, once per test process; apt waits for other
+/// processes' locks), unless VUBD_NO_INSTALL=1.
+pub fn have_tool(tool: &str) -> bool {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    let found = || {
+        Command::new("sh")
+            .args(["-c", &format!("PATH=\"$PATH:/usr/sbin:/sbin\" command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if found() {
+        return true;
+    }
+    // SAFETY: getuid has no memory effects.
+    let root = unsafe { libc::getuid() } == 0;
+    if root && std::env::var("VUBD_NO_INSTALL").as_deref() != Ok("1") {
+        INSTALL.call_once(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install-deps.sh");
+            eprintln!("{tool} is missing: running {}", script.display());
+            match Command::new("bash").arg(&script).status() {
+                Ok(s) if s.success() => {}
+                other => eprintln!("{} failed: {other:?}", script.display()),
+            }
+        });
+    }
+    found()
+}
