@@ -208,3 +208,43 @@ fn guest_discard() {
 fn guest_restart() {
     guest_test("restart");
 }
+
+/// The restart test on a Ceph RBD image (tests/guest/rbd-restart.sh): write-through, so no
+/// completed write may be lost; the restarted vubd breaks its dead predecessor's lock.
+#[test]
+fn guest_rbd() {
+    guest_test("rbd");
+}
+
+/// Live migration between two QEMUs on shared storage while fio writes and a reader checks
+/// known data; a RAM disk's VM must be refused migration with QEMU naming the feature.
+#[test]
+fn guest_migrate() {
+    guest_test("migrate");
+}
+
+/// A DIMM plugged at run time (ADD_MEM_REG), I/O with buffers in it, then unplugged
+/// (REM_MEM_REG), I/O again.
+#[test]
+fn guest_memhotplug() {
+    guest_test("memhotplug");
+}
+
+/// A disk created over the management socket and hot-plugged into the running guest, used,
+/// unplugged and removed.
+#[test]
+fn guest_diskhotplug() {
+    guest_test("diskhotplug");
+}
+
+/// reboot -f and system_reset mid-I/O: flushed data intact after each.
+#[test]
+fn guest_reboot() {
+    guest_test("reboot");
+}
+
+/// QEMU SIGKILLed mid-I/O: vubd frees the connection's fds and mappings; a new QEMU attaches.
+#[test]
+fn guest_qemukill() {
+    guest_test("qemukill");
+}

@@ -4,7 +4,8 @@
 # by a vubd this script starts, and runs a test inside it (tests/guest/init).
 #
 # Usage: tests/guest/run.sh [TEST...]
-#   TEST: geometry queues fs fio discard restart resize (default all)
+#   TEST: geometry queues fs fio discard restart resize migrate memhotplug diskhotplug
+#         reboot qemukill rbd (default all)
 #
 # Output: the guest's and the host's "VUBD-RESULT test=NAME status=PASS|FAIL key=value..."
 # lines, one "VUBD-TEST name=NAME status=... seconds=..." line per test, and a summary.
@@ -33,7 +34,7 @@ CACHE=${VUBD_GUEST_CACHE:-/var/cache/vubd-guest}
 ACCEL=${VUBD_GUEST_ACCEL:-auto}
 BOOT_TIMEOUT=${VUBD_GUEST_BOOT_TIMEOUT:-300}
 KVM_PROBE_TIMEOUT=${VUBD_GUEST_KVM_PROBE_TIMEOUT:-30}
-ALL_TESTS=(geometry queues fs fio discard restart resize)
+ALL_TESTS=(geometry queues fs fio discard restart resize migrate memhotplug diskhotplug reboot qemukill rbd)
 DISK_SIZE=$((256 * 1024 * 1024))
 SERIAL=vubd-guest-disk
 GIB=1073741824
@@ -171,18 +172,21 @@ else
 fi
 
 # start_qemu NAME APPEND [extra args...]: boots the guest in the background; sets QEMU_PID
-# and QEMU_LOG (the serial console).
+# and QEMU_LOG (the serial console). Environment: SMP (vCPUs), QEMU_MEM (-m), QMP (a QMP
+# socket path to listen on), REBOOT=1 (a guest reboot restarts it instead of ending QEMU).
 start_qemu() {
     local name=$1 append=$2
     shift 2
     QEMU_LOG=$WORK/$name.serial.log
-    local accel_args=(-accel tcg -cpu max)
+    local accel_args=(-accel tcg -cpu max) extra=(-no-reboot)
     [ "$ACCEL" = kvm ] && accel_args=(-accel kvm -cpu host)
+    [ "${REBOOT:-0}" = 1 ] && extra=()
+    [ -n "${QMP:-}" ] && extra+=(-qmp "unix:$QMP,server=on,wait=off")
     : >"$QEMU_LOG"
     # timeout(1) is the last line of defence if this script is killed without its trap.
     timeout -k 10 "$BOOT_TIMEOUT" qemu-system-x86_64 \
-        "${accel_args[@]}" -machine q35 -smp "${SMP:-2}" -m 512M \
-        -nodefaults -nographic -monitor none -no-reboot \
+        "${accel_args[@]}" -machine q35 -smp "${SMP:-2}" -m "${QEMU_MEM:-512M}" \
+        -nodefaults -nographic -monitor none "${extra[@]}" \
         -serial "file:$QEMU_LOG" \
         -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initrd.img" \
         -append "console=ttyS0 panic=-1 quiet $append" \
@@ -270,17 +274,24 @@ start_vubd() {
     local name=$1
     shift
     SOCK=$WORK/$name.sock
-    rm -f "$SOCK"
+    launch_vubd "$name" "$SOCK" --socket-path "$SOCK" "$@"
+}
+# launch_vubd NAME SOCKET ARGS...: starts vubd with exactly ARGS (log $WORK/NAME.vubd.log)
+# and waits for SOCKET; sets VUBD_PID
+launch_vubd() {
+    local name=$1 sock=$2
+    shift 2
+    rm -f "$sock"
     echo "== $(date +%T) $VUBD $*" >>"$WORK/$name.vubd.log"
-    RUST_LOG=${RUST_LOG:-info} "$VUBD" --socket-path "$SOCK" "$@" >>"$WORK/$name.vubd.log" 2>&1 &
+    RUST_LOG=${RUST_LOG:-info} "$VUBD" "$@" >>"$WORK/$name.vubd.log" 2>&1 &
     VUBD_PID=$!
     PIDS+=("$VUBD_PID")
     for _ in $(seq 100); do
-        [ -S "$SOCK" ] && return 0
+        [ -S "$sock" ] && return 0
         kill -0 "$VUBD_PID" 2>/dev/null || break
         sleep 0.1
     done
-    log "vubd did not come up on $SOCK:"
+    log "vubd did not come up on $sock:"
     tail -20 "$WORK/$name.vubd.log" >&2
     return 1
 }
@@ -500,6 +511,315 @@ test_resize() {
         echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_exited_early"
         rc=1
     }
+    return $rc
+}
+
+# rbd: the restart test on a Ceph RBD image with the write cache off (rbd-restart.sh)
+test_rbd() {
+    # shellcheck source=/dev/null # checked on its own
+    . "$HERE/rbd-restart.sh"
+    rbd_restart
+}
+
+# qmp SOCKET COMMAND [ARGS-JSON]: one QMP command (tests/guest/qmp.py); prints the answer
+qmp() { python3 "$HERE/qmp.py" "$@"; }
+# wait_file PATH SECONDS: 0 once PATH exists
+wait_file() {
+    for _ in $(seq $(($2 * 10))); do
+        [ -e "$1" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+# kv LINE KEY: the value of KEY=value in LINE
+kv() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n 1; }
+# host_fail NAME REASON...: a failed host-side check
+host_fail() {
+    local name=$1
+    shift
+    echo "VUBD-RESULT test=$name-host status=FAIL reason=$*"
+}
+# finish_vubd NAME: stops vubd; a vubd that died early is a failure
+finish_vubd() {
+    stop_vubd || {
+        host_fail "$1" vubd_exited_early
+        return 1
+    }
+}
+
+# migrate: live migration on shared storage. One vubd serves two devices on one image:
+# "src" for the source QEMU and "dst" for the destination QEMU (started with -incoming).
+# The guest runs fio with verify and a reader of known data (init: test_migrate); the host
+# migrates it over QMP while fio runs. The guest must finish on the destination with all
+# data verified, QEMU must have synced the dirty log at least twice (pages dirtied while it
+# copied), and fio must still have been running at the switch-over.
+test_migrate() {
+    local name=migrate img=$WORK/migrate.img rc=0 st=PASS why="" mig="" syncs=0 fio_secs
+    fio_secs=${VUBD_GUEST_MIGRATE_FIO_SECS:-45}
+    truncate -s "$DISK_SIZE" "$img"
+    local dev
+    : >"$WORK/migrate.toml"
+    for dev in src dst; do
+        printf '[[device]]\nname = "%s"\nsocket-path = "%s"\nblk-file = "%s"\nnum-queues = 2\nserial = "%s"\n' \
+            "$dev" "$WORK/$dev.sock" "$img" "$SERIAL" >>"$WORK/migrate.toml"
+    done
+    launch_vubd "$name" "$WORK/dst.sock" --config "$WORK/migrate.toml" || {
+        host_fail $name vubd_start
+        return 1
+    }
+    local append="vubd.test=migrate vubd.fio_secs=$fio_secs"
+    # shellcheck disable=SC2046
+    QMP=$WORK/src.qmp start_qemu migrate-src "$append" $(vhost_args "$WORK/src.sock" 2)
+    local src_pid=$QEMU_PID src_log=$QEMU_LOG
+    if wait_marker "$src_log" VUBD-FIO-STARTED "$BOOT_TIMEOUT"; then
+        # shellcheck disable=SC2046
+        QMP=$WORK/dst.qmp start_qemu migrate "$append" $(vhost_args "$WORK/dst.sock" 2) \
+            -incoming "unix:$WORK/migrate.mig"
+        wait_file "$WORK/dst.qmp" 30 || why=no_destination
+        sleep 3
+        mig=$(qmp "$WORK/src.qmp" --migrate "unix:$WORK/migrate.mig" --timeout 300) || why=migration_failed
+        log "migration: $mig"
+        syncs=$(kv "$mig" dirty_sync_count)
+        [ "${syncs:-0}" -ge 2 ] || why="$why${why:+,}dirty_log_synced_${syncs:-0}_times"
+        # the guest's results must come from the destination: fio ran across the switch-over
+        if grep -aq 'VUBD-RESULT' "$src_log"; then why="$why${why:+,}fio_ended_before_switchover"; fi
+        qmp "$WORK/src.qmp" quit >/dev/null 2>&1 || true
+    else
+        why=guest_did_not_start_fio
+    fi
+    for _ in $(seq 50); do kill -0 "$src_pid" 2>/dev/null || break; sleep 0.2; done
+    kill_group "$src_pid"
+    wait "$src_pid" 2>/dev/null || true
+    forget_pid "$src_pid"
+    [ -z "$why" ] || st=FAIL
+    echo "VUBD-RESULT test=migrate-host status=$st $mig ${why:+reason=$why}"
+    [ $st = PASS ] || rc=1
+    if [ -f "$WORK/migrate.serial.log" ]; then
+        wait_qemu
+        check_run "$name" || rc=1
+    fi
+    grep -q 'dirty page logging on' "$WORK/$name.vubd.log" || {
+        host_fail $name vubd_never_logged_dirty_pages
+        rc=1
+    }
+    finish_vubd $name || rc=1
+    migrate_ram || rc=1
+    return $rc
+}
+
+# A RAM disk lives in one vubd process only: vubd offers no dirty logging for it, and QEMU
+# must refuse to migrate a VM using it, saying why.
+migrate_ram() {
+    local name=migrate-ram answer st=FAIL
+    start_vubd "$name" --ram 256M --num-queues 2 || {
+        host_fail $name vubd_start
+        return 1
+    }
+    # Only QEMU's devices matter, not the guest: CPUs stay stopped (-S).
+    # shellcheck disable=SC2046
+    QMP=$WORK/ram.qmp start_qemu "$name" "vubd.test=probe" $(vhost_args "$SOCK" 2) -S
+    if wait_file "$WORK/ram.qmp" 60 && sleep 1; then
+        answer=$(qmp "$WORK/ram.qmp" --migrate "unix:$WORK/ram.mig" --timeout 30 2>&1) || true
+        case "$answer" in *LOG_ALL* | *LOG_SHMFD*) st=PASS ;; esac
+        qmp "$WORK/ram.qmp" quit >/dev/null 2>&1 || true
+    fi
+    wait_qemu
+    echo "VUBD-RESULT test=migrate-ram-host status=$st answer=$(echo "${answer:-none}" | tr ' ' _ | head -c 300)"
+    finish_vubd $name || return 1
+    [ $st = PASS ]
+}
+
+# quit_held_guest QMP: a guest booted with vubd.hold=1 waits after VUBD-DONE for the host
+# to finish its QMP steps; then QEMU is told to quit.
+quit_held_guest() {
+    wait_marker "$QEMU_LOG" '^VUBD-DONE' "$BOOT_TIMEOUT" || return 0
+    qmp "$1" quit >/dev/null 2>&1 || true
+}
+
+# memhotplug: QEMU boots with room for a DIMM and a memory-less NUMA node 1; when the guest
+# is ready the host plugs 256 MiB there (object_add + device_add pc-dimm: vubd gets
+# ADD_MEM_REG while the rings run), the guest does I/O with its buffers bound to node 1,
+# then the host unplugs the DIMM (device_del: REM_MEM_REG) and the guest does I/O again.
+test_memhotplug() {
+    local name=memhotplug img=$WORK/memhotplug.img rc=0 why="" q=$WORK/memhp.qmp
+    truncate -s "$DISK_SIZE" "$img"
+    start_vubd "$name" --blk-file "$img" --num-queues 2 --serial "$SERIAL" || {
+        host_fail $name vubd_start
+        return 1
+    }
+    # shellcheck disable=SC2046
+    QEMU_MEM=512M,slots=2,maxmem=1G QMP=$q start_qemu "$name" \
+        "vubd.test=memhotplug vubd.hold=1 memhp_default_state=online_movable" \
+        $(vhost_args "$SOCK" 2) -numa node,nodeid=1
+    if wait_marker "$QEMU_LOG" VUBD-MEMHP-READY "$BOOT_TIMEOUT"; then
+        qmp "$q" object-add '{"qom-type":"memory-backend-memfd","id":"hp0","size":268435456,"share":true}' >/dev/null &&
+            qmp "$q" device_add '{"driver":"pc-dimm","id":"dimm0","memdev":"hp0","node":1}' >/dev/null ||
+            why=plug
+        if wait_marker "$QEMU_LOG" VUBD-MEMHP-UNPLUG "$BOOT_TIMEOUT"; then
+            qmp "$q" device_del '{"id":"dimm0"}' >/dev/null || why="$why${why:+,}device_del"
+            qmp "$q" --wait-gone /machine/peripheral/dimm0 --timeout 120 >/dev/null ||
+                why="$why${why:+,}dimm_not_released"
+            qmp "$q" object-del '{"id":"hp0"}' >/dev/null || why="$why${why:+,}object_del"
+        else
+            why="$why${why:+,}guest_did_not_use_the_memory"
+        fi
+    else
+        why=guest_not_ready
+    fi
+    quit_held_guest "$q"
+    wait_qemu
+    check_run "$name" || rc=1
+    local added removed
+    # the DIMM's region, not the boot memory (QEMU adds that with ADD_MEM_REG too)
+    added=$(grep -c 'memory region added: guest 0x[0-9a-f]*, 256 MiB' "$WORK/$name.vubd.log" || true)
+    removed=$(grep -c 'memory region removed: guest 0x[0-9a-f]*, 256 MiB' "$WORK/$name.vubd.log" || true)
+    [ "$added" -ge 1 ] || why="$why${why:+,}vubd_saw_no_ADD_MEM_REG"
+    [ "$removed" -ge 1 ] || why="$why${why:+,}vubd_saw_no_REM_MEM_REG"
+    local st=PASS
+    [ -z "$why" ] || st=FAIL
+    echo "VUBD-RESULT test=$name-host status=$st regions_added=$added regions_removed=$removed ${why:+reason=$why}"
+    [ $st = PASS ] || rc=1
+    finish_vubd $name || rc=1
+    return $rc
+}
+
+# diskhotplug: the host creates a device over vubd's management socket (device_add), plugs
+# a vhost-user-blk-pci for it into a free pcie-root-port (chardev-add + device_add), the
+# guest writes and reads it back, then the host unplugs it (device_del), removes the device
+# from vubd (device_remove, refused while a frontend is attached) and compares the image
+# with the guest's checksum.
+test_diskhotplug() {
+    local name=diskhotplug img=$WORK/diskhotplug.img rc=0 why="" q=$WORK/dhp.qmp r=$WORK/dhp-rpc.sock
+    local hot=$WORK/hot.img answer
+    truncate -s "$DISK_SIZE" "$img"
+    truncate -s 64M "$hot"
+    start_vubd "$name" --blk-file "$img" --num-queues 2 --serial "$SERIAL" --rpc-socket "$r" || {
+        host_fail $name vubd_start
+        return 1
+    }
+    # shellcheck disable=SC2046
+    QMP=$q start_qemu "$name" "vubd.test=diskhotplug vubd.hold=1" $(vhost_args "$SOCK" 2) \
+        -device pcie-root-port,id=rp1,bus=pcie.0,chassis=1
+    if wait_marker "$QEMU_LOG" VUBD-HOTPLUG-READY "$BOOT_TIMEOUT"; then
+        answer=$(rpc "$r" "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"device_add\",\"params\":{\"name\":\"hot\",\"socket-path\":\"$WORK/hot.sock\",\"blk-file\":\"$hot\",\"num-queues\":1}}")
+        case "$answer" in *'"result"'*) ;; *) why="rpc_device_add:$answer" ;; esac
+        qmp "$q" chardev-add "{\"id\":\"hotc\",\"backend\":{\"type\":\"socket\",\"data\":{\"addr\":{\"type\":\"unix\",\"data\":{\"path\":\"$WORK/hot.sock\"}},\"server\":false}}}" >/dev/null &&
+            qmp "$q" device_add '{"driver":"vhost-user-blk-pci","id":"hotdisk","chardev":"hotc","bus":"rp1","num-queues":1}' >/dev/null ||
+            why="$why${why:+,}qemu_plug"
+        if wait_marker "$QEMU_LOG" VUBD-HOTPLUG-UNPLUG "$BOOT_TIMEOUT"; then
+            answer=$(rpc "$r" '{"jsonrpc":"2.0","id":2,"method":"device_remove","params":{"name":"hot"}}')
+            case "$answer" in *'-32003'*) ;; *) why="$why${why:+,}removed_while_attached:$answer" ;; esac
+            qmp "$q" device_del '{"id":"hotdisk"}' >/dev/null || why="$why${why:+,}device_del"
+            qmp "$q" --wait-gone /machine/peripheral/hotdisk --timeout 120 >/dev/null ||
+                why="$why${why:+,}disk_not_released"
+            qmp "$q" chardev-remove '{"id":"hotc"}' >/dev/null || why="$why${why:+,}chardev_remove"
+            local removed=no
+            for _ in $(seq 50); do
+                answer=$(rpc "$r" '{"jsonrpc":"2.0","id":3,"method":"device_remove","params":{"name":"hot"}}')
+                case "$answer" in *'"result"'*) removed=yes && break ;; esac
+                sleep 0.2
+            done
+            [ $removed = yes ] || why="$why${why:+,}device_remove:$answer"
+            [ ! -e "$WORK/hot.sock" ] || why="$why${why:+,}socket_left_behind"
+        else
+            why="$why${why:+,}guest_did_not_use_the_disk"
+        fi
+    else
+        why=guest_not_ready
+    fi
+    quit_held_guest "$q"
+    wait_qemu
+    check_run "$name" || rc=1
+    local want got
+    want=$(grep -ao 'VUBD-RESULT test=diskhotplug .*' "$QEMU_LOG" | tr ' ' '\n' | sed -n 's/^sha256=//p' | tr -d '\r')
+    got=$(head -c $((8 << 20)) "$hot" | sha256sum | cut -d' ' -f1)
+    [ -n "$want" ] && [ "$want" = "$got" ] || why="$why${why:+,}image_differs"
+    local st=PASS
+    [ -z "$why" ] || st=FAIL
+    echo "VUBD-RESULT test=$name-host status=$st image_sha256=$got ${why:+reason=$why}"
+    [ $st = PASS ] || rc=1
+    finish_vubd $name || rc=1
+    return $rc
+}
+
+# reboot: three boots of one QEMU (init: test_reboot): reboot -f inside the guest mid-I/O,
+# then system_reset over QMP mid-I/O; data flushed before each must be intact after it.
+test_reboot() {
+    local name=reboot img=$WORK/reboot.img rc=0 why="" q=$WORK/reboot.qmp
+    truncate -s "$DISK_SIZE" "$img"
+    start_vubd "$name" --blk-file "$img" --num-queues 2 --serial "$SERIAL" || {
+        host_fail $name vubd_start
+        return 1
+    }
+    # shellcheck disable=SC2046
+    REBOOT=1 QMP=$q start_qemu "$name" "vubd.test=reboot" $(vhost_args "$SOCK" 2)
+    if wait_marker "$QEMU_LOG" VUBD-RESET-READY "$BOOT_TIMEOUT"; then
+        qmp "$q" system_reset >/dev/null || why=system_reset
+    else
+        why=guest_not_ready_for_reset
+    fi
+    wait_qemu
+    check_run "$name" || rc=1
+    grep -aq 'VUBD-RESULT test=reboot status=PASS stage=2 after=reboot_f flushed_data=intact' "$QEMU_LOG" ||
+        why="$why${why:+,}reboot_f_not_verified"
+    grep -aq 'VUBD-RESULT test=reboot status=PASS stage=3 after=system_reset flushed_data=intact' "$QEMU_LOG" ||
+        why="$why${why:+,}system_reset_not_verified"
+    local st=PASS
+    [ -z "$why" ] || st=FAIL
+    echo "VUBD-RESULT test=$name-host status=$st ${why:+reason=$why}"
+    [ $st = PASS ] || rc=1
+    finish_vubd $name || rc=1
+    return $rc
+}
+
+# qemukill: QEMU is SIGKILLed while the guest runs fio; vubd must free everything of that
+# connection (fds, guest memory mappings, in-flight requests: back to what it had before
+# QEMU came) and serve a new QEMU on the same socket.
+test_qemukill() {
+    local name=qemukill img=$WORK/qemukill.img rc=0 why="" r=$WORK/qk-rpc.sock
+    truncate -s "$DISK_SIZE" "$img"
+    start_vubd "$name" --blk-file "$img" --num-queues 2 --serial "$SERIAL" --rpc-socket "$r" || {
+        host_fail $name vubd_start
+        return 1
+    }
+    local fds0 maps0 fds1="" maps1="" list="" stat=""
+    fds0=$(find "/proc/$VUBD_PID/fd" -mindepth 1 | wc -l)
+    maps0=$(grep -c 'memfd:' "/proc/$VUBD_PID/maps" || true)
+    # shellcheck disable=SC2046
+    start_qemu qemukill-1 "vubd.test=qemukill vubd.fio_secs=60" $(vhost_args "$SOCK" 2)
+    if wait_marker "$QEMU_LOG" VUBD-FIO-STARTED "$BOOT_TIMEOUT"; then
+        sleep 4
+        local busy
+        busy=$(grep -c 'memfd:' "/proc/$VUBD_PID/maps" || true)
+        [ "$busy" -gt "$maps0" ] || why=guest_memory_not_mapped
+        kill -KILL -- "-$QEMU_PID" 2>/dev/null || why="$why${why:+,}kill"
+        wait "$QEMU_PID" 2>/dev/null || true
+        forget_pid "$QEMU_PID"
+        local freed=no
+        for _ in $(seq 100); do
+            fds1=$(find "/proc/$VUBD_PID/fd" -mindepth 1 | wc -l)
+            maps1=$(grep -c 'memfd:' "/proc/$VUBD_PID/maps" || true)
+            list=$(rpc "$r" '{"jsonrpc":"2.0","id":1,"method":"device_list"}')
+            stat=$(rpc "$r" '{"jsonrpc":"2.0","id":2,"method":"iostat"}')
+            if [ "$fds1" -eq "$fds0" ] && [ "$maps1" -eq "$maps0" ] &&
+                echo "$list" | grep -q '"connected":false' && echo "$stat" | grep -q '"in-flight":0'; then
+                freed=yes
+                break
+            fi
+            sleep 0.2
+        done
+        [ $freed = yes ] || why="$why${why:+,}not_freed:fds_${fds0}_to_${fds1},memfd_maps_${maps0}_to_${maps1}"
+    else
+        why=guest_did_not_start_fio
+    fi
+    echo "VUBD-RESULT test=$name-host status=$([ -z "$why" ] && echo PASS || echo FAIL) fds_before=$fds0 fds_after=$fds1 memfd_maps_before=$maps0 memfd_maps_after=$maps1 ${why:+reason=$why}"
+    [ -z "$why" ] || rc=1
+    # A new QEMU on the same socket: fio with verify for a few seconds.
+    # shellcheck disable=SC2046
+    start_qemu "$name" "vubd.test=qemukill vubd.fio_secs=5" $(vhost_args "$SOCK" 2)
+    wait_qemu
+    check_run "$name" || rc=1
+    finish_vubd $name || rc=1
     return $rc
 }
 

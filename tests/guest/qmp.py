@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""A small QMP client for the guest tests (run.sh).
+
+  qmp.py SOCKET COMMAND [ARGS-JSON]
+      Runs one QMP command; prints its "return" as JSON. Exit 1 with the error's class and
+      description on stderr (and on stdout as {"error": ...}) if QEMU refused it.
+  qmp.py SOCKET --migrate URI [--max-bandwidth BYTES] [--timeout SECONDS]
+      Starts a migration and polls query-migrate until it ends; prints one line of
+      key=value (status, dirty_sync_count, total_time_ms, downtime_ms, transferred_bytes,
+      iterations_seen). Exit 0 only if the status is "completed".
+  qmp.py SOCKET --wait-gone QOM-PATH [--timeout SECONDS]
+      Polls until QOM-PATH (e.g. /machine/peripheral/disk1) no longer exists (an unplug the
+      guest acknowledged). Exit 1 on timeout.
+"""
+
+import json
+import socket
+import sys
+import time
+
+
+class Qmp:
+    def __init__(self, path, timeout=30.0):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rwb")
+        self._read()  # greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self):
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("QEMU closed the QMP connection")
+        return json.loads(line)
+
+    def execute(self, name, args=None):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            r = self._read()
+            if "return" in r:
+                return r["return"]
+            if "error" in r:
+                raise QmpError(r["error"])
+            # an event: skip
+
+
+class QmpError(Exception):
+    def __init__(self, err):
+        super().__init__(f"{err.get('class')}: {err.get('desc')}")
+        self.err = err
+
+
+def option(args, name, default):
+    if name in args:
+        i = args.index(name)
+        return args[i + 1]
+    return default
+
+
+def migrate(path, uri, args):
+    bandwidth = int(option(args, "--max-bandwidth", str(1 << 30)))
+    timeout = float(option(args, "--timeout", "600"))
+    q = Qmp(path)
+    q.execute("migrate-set-parameters", {"max-bandwidth": bandwidth})
+    q.execute("migrate", {"uri": uri})
+    deadline = time.time() + timeout
+    info = {}
+    syncs_seen = set()
+    while time.time() < deadline:
+        info = q.execute("query-migrate")
+        ram = info.get("ram", {})
+        syncs_seen.add(ram.get("dirty-sync-count", 0))
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    ram = info.get("ram", {})
+    status = info.get("status", "none")
+    if status not in ("completed", "failed", "cancelled"):
+        status = "timeout"
+    out = {
+        "status": status,
+        "dirty_sync_count": ram.get("dirty-sync-count", 0),
+        "total_time_ms": info.get("total-time", 0),
+        "downtime_ms": info.get("downtime", 0),
+        "transferred_bytes": ram.get("transferred", 0),
+        "dirty_pages_rate": ram.get("dirty-pages-rate", 0),
+        "iterations_seen": len(syncs_seen),
+    }
+    if "error-desc" in info:
+        out["error"] = info["error-desc"].replace(" ", "_")
+    print(" ".join(f"{k}={v}" for k, v in out.items()))
+    return 0 if status == "completed" else 1
+
+
+def wait_gone(path, qom_path, args):
+    timeout = float(option(args, "--timeout", "120"))
+    parent, _, name = qom_path.rpartition("/")
+    deadline = time.time() + timeout
+    # One connection: QEMU serves one QMP client at a time.
+    q = Qmp(path)
+    while time.time() < deadline:
+        children = [c["name"] for c in q.execute("qom-list", {"path": parent})]
+        if name not in children:
+            print(f"gone={qom_path}")
+            return 0
+        time.sleep(0.5)
+    print(f"still_present={qom_path}")
+    return 1
+
+
+def main(argv):
+    if len(argv) < 3:
+        sys.stderr.write(__doc__)
+        return 2
+    path, cmd = argv[1], argv[2]
+    try:
+        if cmd == "--migrate":
+            return migrate(path, argv[3], argv[4:])
+        if cmd == "--wait-gone":
+            return wait_gone(path, argv[3], argv[4:])
+        args = json.loads(argv[3]) if len(argv) > 3 else None
+        print(json.dumps(Qmp(path).execute(cmd, args)))
+        return 0
+    except QmpError as e:
+        print(json.dumps({"error": e.err}))
+        sys.stderr.write(f"qmp.py: {cmd}: {e}\n")
+        return 1
+    except (OSError, ConnectionError, ValueError) as e:
+        sys.stderr.write(f"qmp.py: {cmd}: {e}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
