@@ -8,11 +8,13 @@ import sys
 
 # module -> modules it must not import (directly or through `crate::`)
 FORBIDDEN = {
-    "engine": {"blk", "backend", "virtio_blk", "vhost", "registry", "config", "cli"},
-    "blk": {"backend", "virtio_blk", "vhost", "registry", "cli"},
-    "backend": {"virtio_blk", "vhost", "registry", "cli"},
-    "virtio_blk": {"backend", "vhost", "registry", "cli"},
+    "engine": {"blk", "backend", "virtio_blk", "vhost", "vduse", "ublk", "registry", "config", "cli"},
+    "blk": {"backend", "virtio_blk", "vhost", "vduse", "ublk", "registry", "cli"},
+    "backend": {"virtio_blk", "vhost", "vduse", "ublk", "registry", "cli"},
+    "virtio_blk": {"backend", "vhost", "vduse", "ublk", "registry", "cli"},
     "vhost": {"backend", "registry", "cli"},
+    "vduse": {"backend", "vhost", "ublk", "registry", "cli"},
+    "ublk": {"backend", "virtio_blk", "vhost", "vduse", "registry", "cli"},
 }
 
 src = os.path.join(os.path.dirname(__file__), "..", "src")

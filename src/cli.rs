@@ -28,6 +28,16 @@ pub struct Args {
     /// Serve an already listening Unix socket inherited as this fd.
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
+    /// Export the device to the kernel through VDUSE under this name (/dev/vduse/NAME; then
+    /// `vdpa dev add name NAME mgmtdev vduse` gives /dev/vdX).
+    #[arg(long, value_name = "NAME")]
+    pub vduse: Option<String>,
+    /// Export the device to the kernel as a ublk device (/dev/ublkbN).
+    #[arg(long)]
+    pub ublk: bool,
+    /// ublk: the device id N (/dev/ublkbN); default: the first free one.
+    #[arg(long, value_name = "N")]
+    pub ublk_id: Option<u32>,
     /// Permissions of the socket file vubd creates (octal), e.g. 0660.
     #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
@@ -115,9 +125,12 @@ pub struct Args {
 }
 
 /// The flags that describe a device (not allowed with --config).
-const DEVICE_FLAGS: [&str; 20] = [
+const DEVICE_FLAGS: [&str; 23] = [
     "socket_path",
     "fd",
+    "vduse",
+    "ublk",
+    "ublk_id",
     "socket_mode",
     "socket_owner",
     "allow_uid",
@@ -171,6 +184,9 @@ impl Args {
             name: None,
             socket_path: self.socket_path.clone(),
             fd: self.fd,
+            vduse: self.vduse.clone(),
+            ublk: self.ublk,
+            ublk_id: self.ublk_id,
             socket_mode: self.socket_mode.clone(),
             socket_owner: self.socket_owner.clone(),
             allow_uid: self.allow_uid.as_deref().map(parse_uids).transpose()?,

@@ -32,7 +32,9 @@ pub enum ConfigError {
         "device {0}: exactly one backend is required (--blk-file, --ram, --null, --nbd or --rbd)"
     )]
     Backend(String),
-    #[error("device {0}: a socket path or --fd is required")]
+    #[error(
+        "device {0}: exactly one front end is required (--socket-path, --fd, --vduse or --ublk)"
+    )]
     Socket(String),
     #[error("--logical-block-size must be 512 or 4096, got {0}")]
     BlockSize(u32),
@@ -106,6 +108,34 @@ pub enum SocketSpec {
     Fd(i32),
 }
 
+/// How a device is exported: to a vhost-user frontend on a socket, or to the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrontEndSpec {
+    VhostUser(SocketSpec),
+    /// A VDUSE device of this name (`/dev/vduse/NAME`, then `vdpa dev add`).
+    Vduse(String),
+    /// A ublk device (`/dev/ublkbN`), with this id or the first free one.
+    Ublk(Option<u32>),
+}
+
+impl FrontEndSpec {
+    /// The vhost-user socket, if the device has one.
+    pub fn socket(&self) -> Option<&SocketSpec> {
+        match self {
+            FrontEndSpec::VhostUser(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FrontEndSpec::VhostUser(_) => "vhost-user",
+            FrontEndSpec::Vduse(_) => "vduse",
+            FrontEndSpec::Ublk(_) => "ublk",
+        }
+    }
+}
+
 /// Who may use a device's socket: its file mode and owner (set between bind and listen, so
 /// there is no window with the default permissions) and the uids a connecting peer may have.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -129,7 +159,7 @@ pub struct SocketOwner {
 #[derive(Clone, Debug)]
 pub struct DeviceConfig {
     pub name: String,
-    pub socket: SocketSpec,
+    pub front: FrontEndSpec,
     pub access: SocketAccess,
     pub backend: BackendSpec,
     pub read_only: bool,
@@ -205,10 +235,10 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
 impl DeviceConfig {
     /// A device with the command line's defaults: up to 256 queues, 512-byte blocks,
     /// read-write, write-back, no serial, the engine's core mask.
-    pub fn new(name: &str, socket: SocketSpec, backend: BackendSpec) -> DeviceConfig {
+    pub fn new(name: &str, front: FrontEndSpec, backend: BackendSpec) -> DeviceConfig {
         DeviceConfig {
             name: name.to_string(),
-            socket,
+            front,
             access: SocketAccess::default(),
             backend,
             read_only: false,
@@ -236,13 +266,29 @@ impl DeviceConfig {
         if self.serial.len() > 20 {
             return Err(ConfigError::Serial(self.serial.len()));
         }
-        if matches!(self.socket, SocketSpec::Fd(_))
-            && (self.access.mode.is_some() || self.access.owner.is_some())
-        {
-            return Err(ConfigError::Other(format!(
-                "device {}: socket-mode and socket-owner apply to a socket vubd creates, not to --fd",
-                self.name
-            )));
+        match &self.front {
+            FrontEndSpec::VhostUser(SocketSpec::Fd(_))
+                if self.access.mode.is_some() || self.access.owner.is_some() =>
+            {
+                return Err(ConfigError::Other(format!(
+                    "device {}: socket-mode and socket-owner apply to a socket vubd creates, not to --fd",
+                    self.name
+                )));
+            }
+            FrontEndSpec::Vduse(_) | FrontEndSpec::Ublk(_) if self.access != SocketAccess::default() => {
+                return Err(ConfigError::Other(format!(
+                    "device {}: socket-mode, socket-owner and allow-uid apply to vhost-user sockets, not to a {} device",
+                    self.name,
+                    self.front.kind()
+                )));
+            }
+            FrontEndSpec::Vduse(n) if !valid_vduse_name(n) => {
+                return Err(ConfigError::Other(format!(
+                    "device {}: a VDUSE name is 1 to 63 characters of letters, digits, '-', '_' and '.', got {n:?}",
+                    self.name
+                )));
+            }
+            _ => {}
         }
         match self.backend {
             BackendSpec::Null { size } | BackendSpec::Ram { size } => {
@@ -284,10 +330,17 @@ pub fn check_new_device<'a>(
         if d.name == new.name {
             return Err(ConfigError::Exists(new.name.clone()));
         }
-        if d.socket == new.socket {
+        let clash = match (&d.front, &new.front) {
+            (FrontEndSpec::Ublk(None), FrontEndSpec::Ublk(_))
+            | (FrontEndSpec::Ublk(_), FrontEndSpec::Ublk(None)) => false,
+            (a, b) => a == b,
+        };
+        if clash {
             return Err(ConfigError::Other(format!(
-                "devices {} and {} share one socket",
-                d.name, new.name
+                "devices {} and {} share one front end ({})",
+                d.name,
+                new.name,
+                new.front.kind()
             )));
         }
     }
@@ -305,6 +358,12 @@ pub struct DeviceTable {
     pub socket_path: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fd: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vduse: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ublk: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ublk_id: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -373,14 +432,14 @@ impl DeviceTable {
         let t = self.clone();
         let name = t.name.clone().unwrap_or_else(|| default_name.to_string());
         let backend = backend_from(&name, &t)?;
-        let socket = socket_from(&name, t.socket_path.clone(), t.fd)?;
+        let front = front_from(&name, &t)?;
         let access = access_from(
             t.socket_mode.as_deref(),
             t.socket_owner.as_deref(),
             t.allow_uid.clone(),
         )?;
         let dev = DeviceConfig {
-            socket,
+            front,
             access,
             backend,
             read_only: t.read_only,
@@ -601,16 +660,33 @@ pub fn access_from(
     })
 }
 
-pub fn socket_from(
-    name: &str,
-    path: Option<PathBuf>,
-    fd: Option<i32>,
-) -> Result<SocketSpec, ConfigError> {
-    match (path, fd) {
-        (Some(p), None) => Ok(SocketSpec::Path(p)),
-        (None, Some(fd)) => Ok(SocketSpec::Fd(fd)),
+/// Exactly one front end: a socket path, an inherited fd, a VDUSE name or ublk.
+fn front_from(name: &str, t: &DeviceTable) -> Result<FrontEndSpec, ConfigError> {
+    if t.ublk_id.is_some() && !t.ublk {
+        return Err(ConfigError::Other(format!(
+            "device {name}: ublk-id applies to a ublk device (--ublk)"
+        )));
+    }
+    match (&t.socket_path, t.fd, &t.vduse, t.ublk) {
+        (Some(p), None, None, false) => Ok(FrontEndSpec::VhostUser(SocketSpec::Path(p.clone()))),
+        (None, Some(fd), None, false) => Ok(FrontEndSpec::VhostUser(SocketSpec::Fd(fd))),
+        (None, None, Some(v), false) => Ok(FrontEndSpec::Vduse(v.clone())),
+        (None, None, None, true) => Ok(FrontEndSpec::Ublk(t.ublk_id)),
         _ => Err(ConfigError::Socket(name.to_string())),
     }
+}
+
+/// The kernel's limit (VDUSE_NAME_MAX, with its NUL) and a character set that is safe in
+/// a device node's name and in `vdpa dev add name NAME`.
+fn valid_vduse_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() < 64
+        && n
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && n != "."
+        && n != ".."
+        && n != "control"
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! ```text
 //!   registry (control thread): devices by name, add/remove, the control event loop
 //!   vhost (vhost-user control plane: sockets, one thread per frontend, memory, vrings)
+//!   vduse (VDUSE: a kernel virtio-blk device)     ublk (ublk: /dev/ublkbN)
 //!   virtio_blk (virtqueue front end: chains -> block requests, completions, notify)
 //!   blk (block core: requests, errors, device model, the backend contract, statistics)
 //!   backend (null, ram, file)          engine (reactors, pollers, io_uring, messages)
@@ -22,12 +23,14 @@ mod mgmt;
 mod registry;
 mod sandbox;
 mod service;
+mod ublk;
 mod users;
+mod vduse;
 mod vhost;
 mod virtio_blk;
 
 pub use cli::{Args, CAPABILITIES_JSON};
-pub use config::{BackendSpec, Config, ConfigError, DeviceConfig, SocketSpec};
+pub use config::{BackendSpec, Config, ConfigError, DeviceConfig, FrontEndSpec, SocketSpec};
 
 use std::sync::Arc;
 
@@ -65,12 +68,16 @@ pub fn run(mut config: Config) -> Result<(), RunError> {
     // are named after (FileDescriptorName=).
     for (name, fd) in service::listen_fds() {
         match config.devices.iter_mut().find(|d| d.name == name) {
-            Some(d) => {
+            Some(d) if d.front.socket().is_some() => {
                 log::info!("device {name}: serving the socket passed as fd {fd}");
-                d.socket = SocketSpec::Fd(fd);
+                d.front = FrontEndSpec::VhostUser(SocketSpec::Fd(fd));
                 d.access.mode = None;
                 d.access.owner = None;
             }
+            Some(d) => log::warn!(
+                "socket activation passed {name:?} (fd {fd}): that device is a {} export, not a socket",
+                d.front.kind()
+            ),
             None => {
                 log::warn!("socket activation passed {name:?} (fd {fd}): no device has that name")
             }

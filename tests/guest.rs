@@ -1,6 +1,8 @@
 //! Linux guest tests: each test runs `tests/guest/run.sh NAME`, which boots a small Debian
 //! guest in qemu-system-x86_64 with a vhost-user-blk-pci disk served by the `vubd` binary
-//! cargo just built, and asserts on the `VUBD-RESULT` lines it prints.
+//! cargo just built, and asserts on the `VUBD-RESULT` lines it prints. The `kernel_*` tests
+//! run `tests/guest/kernel/run.sh NAME` instead: vubd inside a guest with a 6.12 kernel,
+//! exporting devices to that kernel through VDUSE and ublk.
 //!
 //! run.sh installs QEMU and builds the guest itself (it needs root and Debian's package
 //! servers the first time). When it cannot (exit status 77), the test is reported as
@@ -33,14 +35,14 @@ struct Outcome {
 
 /// Runs run.sh with `args` in its own process group; on timeout the group gets SIGTERM
 /// (run.sh's trap then stops its QEMU and vubd), then SIGKILL.
-fn run_script(args: &[&str]) -> Outcome {
+fn run_script(script: &str, args: &[&str]) -> Outcome {
     let dir = tempfile::Builder::new()
         .prefix("vubd-guest-test-")
         .tempdir_in("/var/tmp")
         .expect("temp dir in /var/tmp");
     let out_path = dir.path().join("stdout");
     let err_path = dir.path().join("stderr");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
     let start = Instant::now();
     let mut child = Command::new("bash")
         .arg(&script)
@@ -51,7 +53,7 @@ fn run_script(args: &[&str]) -> Outcome {
         .stderr(File::create(&err_path).expect("stderr file"))
         .process_group(0)
         .spawn()
-        .expect("start tests/guest/run.sh");
+        .unwrap_or_else(|e| panic!("start {}: {e}", script.display()));
     let pgid = child.id() as libc::pid_t;
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for run.sh") {
@@ -97,8 +99,17 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn guest_test(name: &str) {
+    run_guest_test("tests/guest/run.sh", name)
+}
+
+/// A test of the VDUSE/ublk guest (tests/guest/kernel/run.sh: a 6.12 kernel, vubd inside).
+fn kernel_test(name: &str) {
+    run_guest_test("tests/guest/kernel/run.sh", name)
+}
+
+fn run_guest_test(script: &str, name: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out = run_script(&[name]);
+    let out = run_script(script, &[name]);
     let code = out.status.code();
 
     if code == Some(EXIT_SETUP_MISSING) {
@@ -247,4 +258,11 @@ fn guest_reboot() {
 #[test]
 fn guest_qemukill() {
     guest_test("qemukill");
+}
+
+/// The 6.12 guest that VDUSE and ublk run in: its modules load, /dev/vduse/control and
+/// /dev/ublk-control exist, vdpa lists the vduse management device, vubd runs in it.
+#[test]
+fn kernel_probe() {
+    kernel_test("probe");
 }

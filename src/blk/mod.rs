@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod model;
 pub mod queues;
 pub mod request;
@@ -17,6 +18,7 @@ pub mod stats;
 pub use backend::{Backend, Channel, Submitted};
 pub use device::Device;
 pub use error::BlockError;
+pub use export::Export;
 pub use model::DeviceModel;
 pub use request::{BlockRequest, Op};
 

@@ -278,6 +278,8 @@ fn device_list(registry: &Registry) -> Value {
                 "name": d.name,
                 "socket-path": d.socket_path,
                 "fd": d.fd,
+                "front-end": d.front_end,
+                "kernel-device": d.kernel_device,
                 "backend": d.backend,
                 "capacity": d.capacity,
                 "logical-block-size": d.logical_block_size,

@@ -20,8 +20,8 @@ use crate::backend::{self, BackendError};
 use crate::blk::backend::ResizeError;
 use crate::blk::queues::Queues;
 use crate::blk::stats::IoStats;
-use crate::blk::{Device, DeviceModel};
-use crate::config::{check_new_device, ConfigError, DeviceConfig, EngineTable};
+use crate::blk::{Device, DeviceModel, Export};
+use crate::config::{check_new_device, ConfigError, DeviceConfig, EngineTable, FrontEndSpec};
 use crate::cpuset::CpuSet;
 use crate::engine::epoll::Epoll;
 use crate::engine::eventfd::EventFd;
@@ -39,6 +39,12 @@ pub enum AddError {
     Backend { name: String, err: BackendError },
     #[error("device {name}: {err}")]
     Socket { name: String, err: SocketError },
+    #[error("device {name}: {kind}: {err}")]
+    Export {
+        name: String,
+        kind: &'static str,
+        err: std::io::Error,
+    },
     #[error("device {name}: the backend is smaller than one logical block ({lbs} bytes)")]
     TooSmall { name: String, lbs: u32 },
     #[error("{0}")]
@@ -94,13 +100,22 @@ impl Token {
     }
 }
 
+/// How a device meets its user.
+enum Front {
+    /// A vhost-user socket; frontends connect to it.
+    Socket(Listener),
+    /// A kernel block device (VDUSE, ublk).
+    Kernel(Box<dyn Export>),
+}
+
 struct Entry {
     id: u64,
     cfg: DeviceConfig,
     origin: Origin,
     device: Arc<Device>,
-    listener: Listener,
-    /// The connected frontend and its connection id (which owns its memory mappings).
+    front: Front,
+    /// The connected vhost-user frontend and its connection id (which owns its memory
+    /// mappings).
     conn: Option<(u64, Connection)>,
     /// What `iostat` reported as zero at its last reset, by queue.
     iostat_base: BTreeMap<u16, IoStats>,
@@ -140,6 +155,22 @@ pub struct Registry {
     /// The config file devices may come from (SIGHUP).
     file: Option<std::path::PathBuf>,
     latency_histograms: bool,
+}
+
+impl Entry {
+    fn listener(&self) -> Option<&Listener> {
+        match &self.front {
+            Front::Socket(l) => Some(l),
+            Front::Kernel(_) => None,
+        }
+    }
+
+    fn export(&self) -> Option<&dyn Export> {
+        match &self.front {
+            Front::Kernel(x) => Some(&**x),
+            Front::Socket(_) => None,
+        }
+    }
 }
 
 impl Registry {
@@ -194,11 +225,13 @@ impl Registry {
         let built = self.build(&cfg);
         let mut inner = self.lock();
         inner.pending.retain(|p| p.name != cfg.name);
-        let (device, listener) = built?;
+        let (device, front) = built?;
         let id = inner.next_id;
         inner.next_id += 1;
-        self.epoll
-            .add(listener.listener.as_raw_fd(), Token::Listener(id).to_u64())?;
+        if let Front::Socket(l) = &front {
+            self.epoll
+                .add(l.listener.as_raw_fd(), Token::Listener(id).to_u64())?;
+        }
         inner.devices.insert(
             cfg.name.clone(),
             Entry {
@@ -206,7 +239,7 @@ impl Registry {
                 cfg,
                 origin,
                 device,
-                listener,
+                front,
                 conn: None,
                 iostat_base: BTreeMap::new(),
             },
@@ -214,8 +247,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Opens `cfg`'s backend and socket: the device, not yet registered.
-    fn build(&self, cfg: &DeviceConfig) -> Result<(Arc<Device>, Listener), AddError> {
+    /// Opens `cfg`'s backend and its socket or kernel device: the device, not yet
+    /// registered.
+    fn build(&self, cfg: &DeviceConfig) -> Result<(Arc<Device>, Front), AddError> {
         let name = cfg.name.clone();
         let backend =
             backend::open(&cfg.backend, cfg.read_only).map_err(|err| AddError::Backend {
@@ -249,10 +283,15 @@ impl Registry {
         if info.single_reactor {
             reactors.truncate(1);
         }
-        let listener = listen(&cfg.socket, &cfg.access).map_err(|err| AddError::Socket {
-            name: name.clone(),
-            err,
-        })?;
+        let listener = match &cfg.front {
+            FrontEndSpec::VhostUser(socket) => {
+                Some(listen(socket, &cfg.access).map_err(|err| AddError::Socket {
+                    name: name.clone(),
+                    err,
+                })?)
+            }
+            FrontEndSpec::Vduse(_) | FrontEndSpec::Ublk(_) => None,
+        };
         // Round-robin: the first lap says it all.
         let lap = usize::from(cfg.num_queues).min(reactors.len());
         let mut placement: Vec<String> = (0..lap)
@@ -261,16 +300,7 @@ impl Registry {
         if lap < usize::from(cfg.num_queues) {
             placement.push("...".into());
         }
-        log::info!(
-            "device {name}: {} backend, {capacity} bytes, up to {} queue(s) [{}], listening on {}",
-            backend.kind(),
-            cfg.num_queues,
-            placement.join(" "),
-            listener
-                .path
-                .as_ref()
-                .map_or_else(|| format!("{:?}", cfg.socket), |p| p.display().to_string())
-        );
+        let kind = backend.kind();
         let device = Arc::new(Device {
             name: Arc::from(name.as_str()),
             model: Arc::new(model),
@@ -279,7 +309,34 @@ impl Registry {
             queues: Queues::default(),
             latency_histograms: self.latency_histograms,
         });
-        Ok((device, listener))
+        let (front, where_) = match listener {
+            Some(l) => {
+                let at = match &l.path {
+                    Some(p) => format!("listening on {}", p.display()),
+                    None => format!("listening on {:?}", cfg.front),
+                };
+                (Front::Socket(l), at)
+            }
+            None => {
+                let export = export(&cfg.front, &device).map_err(|err| AddError::Export {
+                    name: name.clone(),
+                    kind: cfg.front.kind(),
+                    err,
+                })?;
+                let at = format!(
+                    "exported through {} as {}",
+                    export.kind(),
+                    export.node().unwrap_or_else(|| "(not yet)".into())
+                );
+                (Front::Kernel(export), at)
+            }
+        };
+        log::info!(
+            "device {name}: {kind} backend, {capacity} bytes, up to {} queue(s) [{}], {where_}",
+            cfg.num_queues,
+            placement.join(" "),
+        );
+        Ok((device, front))
     }
 
     /// Removes a device: refused while a frontend is attached unless `force`, which stops
@@ -296,7 +353,9 @@ impl Registry {
                 return Err(DeviceError::Busy(name.into()));
             }
             let e = inner.devices.remove(name).expect("present");
-            let _ = self.epoll.delete(e.listener.listener.as_raw_fd());
+            if let Some(l) = e.listener() {
+                let _ = self.epoll.delete(l.listener.as_raw_fd());
+            }
             e
         };
         Self::retire(entry);
@@ -304,32 +363,41 @@ impl Registry {
         Ok(())
     }
 
-    /// Disconnects an entry's frontend (its rings drain) and removes its socket file.
+    /// Disconnects an entry's frontend (its rings drain) and removes its socket file, or
+    /// tears its kernel device down.
     fn retire(mut e: Entry) {
         if let Some((_, c)) = e.conn.take() {
             c.shut_down();
             c.join();
         }
-        if let Some(p) = &e.listener.path {
-            let _ = std::fs::remove_file(p);
+        match e.front {
+            Front::Socket(l) => {
+                if let Some(p) = &l.path {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            Front::Kernel(x) => x.shut_down(),
         }
     }
 
     /// Changes a device's size (`None`: read it again from the backend) and tells the
     /// frontend. Requests are checked against the new capacity from the moment it is set.
     pub fn resize(&self, name: &str, size: Option<u64>) -> Result<u64, DeviceError> {
+        let err = |err| DeviceError::Resize {
+            name: name.into(),
+            err,
+        };
         let (device, conn) = {
             let inner = self.lock();
             let e = inner
                 .devices
                 .get(name)
                 .ok_or_else(|| DeviceError::NoSuchDevice(name.into()))?;
+            if let Some(x) = e.export() {
+                x.can_resize().map_err(err)?;
+            }
             let conn = e.conn.as_ref().map(|(_, c)| Arc::clone(&c.shared));
             (Arc::clone(&e.device), conn)
-        };
-        let err = |err| DeviceError::Resize {
-            name: name.into(),
-            err,
         };
         let model = &device.model;
         let lbs = u64::from(model.logical_block_size());
@@ -357,6 +425,7 @@ impl Registry {
         }
         model.set_capacity(capacity);
         // What saving the configuration writes must start the device at its new size.
+        let mut kernel = None;
         if let Some(e) = self.lock().devices.get_mut(name) {
             let t = &mut e.cfg.table;
             if t.ram.is_some() {
@@ -364,6 +433,19 @@ impl Registry {
             } else if t.null.is_some() {
                 t.null = Some(crate::config::SizeValue::Bytes(capacity));
             }
+            kernel = e.export().map(|x| x.capacity_changed());
+        }
+        if let Some(told) = kernel {
+            return match told {
+                Ok(()) => {
+                    log::info!("device {name}: resized to {capacity} bytes (the kernel was told)");
+                    Ok(capacity)
+                }
+                Err(e) => {
+                    log::warn!("device {name}: resized to {capacity} bytes, but the kernel was not told: {e}");
+                    Err(err(e))
+                }
+            };
         }
         let told = match conn.map(|c| c.config_changed()) {
             Some(Ok(true)) => "the frontend was told",
@@ -436,7 +518,10 @@ impl Registry {
         let Some(e) = Self::entry_by_id(&mut inner, id) else {
             return;
         };
-        let stream = match e.listener.listener.accept() {
+        let Some(listener) = e.listener() else {
+            return;
+        };
+        let stream = match listener.listener.accept() {
             Ok((stream, _)) => stream,
             Err(err) => {
                 log::warn!("device {}: accept failed: {err}", e.device.name);
@@ -466,7 +551,8 @@ impl Registry {
                 }
             }
         }
-        let _ = self.epoll.delete(e.listener.listener.as_raw_fd());
+        let listen_fd = listener.listener.as_raw_fd();
+        let _ = self.epoll.delete(listen_fd);
         let (tx, wake) = (self.ended_tx.clone(), Arc::clone(&self.ended));
         let conn = Connection::spawn(
             stream,
@@ -482,10 +568,7 @@ impl Registry {
             Ok(c) => e.conn = Some((conn_id, c)),
             Err(err) => {
                 log::warn!("device {}: cannot serve the frontend: {err}", e.device.name);
-                let _ = self.epoll.add(
-                    e.listener.listener.as_raw_fd(),
-                    Token::Listener(id).to_u64(),
-                );
+                let _ = self.epoll.add(listen_fd, Token::Listener(id).to_u64());
             }
         }
     }
@@ -499,11 +582,13 @@ impl Registry {
                 let Some(e) = Self::entry_by_id(&mut inner, id) else {
                     continue;
                 };
-                if let Err(err) = self.epoll.add(
-                    e.listener.listener.as_raw_fd(),
-                    Token::Listener(id).to_u64(),
-                ) {
-                    log::error!("device {}: cannot listen again: {err}", e.device.name);
+                if let Some(l) = e.listener() {
+                    if let Err(err) = self
+                        .epoll
+                        .add(l.listener.as_raw_fd(), Token::Listener(id).to_u64())
+                    {
+                        log::error!("device {}: cannot listen again: {err}", e.device.name);
+                    }
                 }
                 e.conn.take()
             };
@@ -547,5 +632,14 @@ impl Registry {
         for e in entries {
             Self::retire(e);
         }
+    }
+}
+
+/// Creates the kernel device of a VDUSE or ublk front end for `device`.
+fn export(front: &FrontEndSpec, device: &Arc<Device>) -> std::io::Result<Box<dyn Export>> {
+    match front {
+        FrontEndSpec::Vduse(name) => crate::vduse::create(name, Arc::clone(device)),
+        FrontEndSpec::Ublk(id) => crate::ublk::create(*id, Arc::clone(device)),
+        FrontEndSpec::VhostUser(_) => Err(std::io::Error::other("not a kernel front end")),
     }
 }

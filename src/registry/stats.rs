@@ -23,6 +23,10 @@ pub struct DeviceSummary {
     pub name: String,
     pub socket_path: Option<PathBuf>,
     pub fd: Option<i32>,
+    /// vhost-user, vduse or ublk.
+    pub front_end: &'static str,
+    /// The kernel's block device of a VDUSE or ublk export.
+    pub kernel_device: Option<String>,
     pub backend: &'static str,
     pub capacity: u64,
     pub logical_block_size: u32,
@@ -61,10 +65,12 @@ impl Registry {
             .devices
             .values()
             .map(|e| {
-                let (socket_path, fd) = match &e.cfg.socket {
-                    SocketSpec::Path(p) => (Some(p.clone()), None),
-                    SocketSpec::Fd(fd) => (None, Some(*fd)),
+                let (socket_path, fd) = match e.cfg.front.socket() {
+                    Some(SocketSpec::Path(p)) => (Some(p.clone()), None),
+                    Some(SocketSpec::Fd(fd)) => (None, Some(*fd)),
+                    None => (None, None),
                 };
+                let export = e.export();
                 let model = &e.device.model;
                 DeviceSummary {
                     name: e.cfg.name.clone(),
@@ -75,7 +81,9 @@ impl Registry {
                     logical_block_size: model.logical_block_size(),
                     read_only: model.read_only(),
                     num_queues: model.num_queues(),
-                    connected: e.conn.is_some(),
+                    front_end: e.cfg.front.kind(),
+                    kernel_device: export.and_then(|x| x.node()),
+                    connected: e.conn.is_some() || export.is_some_and(|x| x.in_use()),
                     frontend: e.conn.as_ref().and_then(|(_, c)| c.peer),
                     queues: e
                         .device

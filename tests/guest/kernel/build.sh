@@ -113,6 +113,12 @@ build_vubd() {
         echo "vubd_sha256=$(sha256sum "$bin" | cut -c1-16)"
         echo "vubd_link=$kind"
     } >"$stage/etc/vubd-info"
+    # The tests (tests/*.sh, sourced by init): here rather than in the cached base image, so
+    # changing a test does not rebuild the guest.
+    mkdir -p "$stage/tests"
+    for t in "$HERE"/tests/*.sh; do
+        [ -e "$t" ] && install -m 0644 "$t" "$stage/tests/"
+    done
     mkcpio "$stage" "$img.tmp" 1
     mv "$img.tmp" "$img"
     echo "build.sh: vubd part: $kind binary, $(stat -c %s "$img") bytes" >&2

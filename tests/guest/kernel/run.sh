@@ -36,7 +36,11 @@ ROOT=$(cd "$HERE/../../.." && pwd)
 CACHE=${VUBD_GUEST_CACHE:-/var/cache/vubd-guest}
 ACCEL=${VUBD_GUEST_ACCEL:-tcg}
 BOOT_TIMEOUT=${VUBD_GUEST_BOOT_TIMEOUT:-300}
+# probe and ramdisk, then one test per tests/NAME.sh (sourced by the guest's init)
 ALL_TESTS=(probe ramdisk)
+for f in "$HERE"/tests/*.sh; do
+    [ -e "$f" ] && ALL_TESTS+=("$(basename "$f" .sh)")
+done
 
 log() { echo "kernel/run.sh: $*" >&2; }
 now() { date +%s.%N; }
@@ -278,6 +282,11 @@ log "vubd $VUBD, accel $ACCEL, tests: ${tests[*]}"
 for t in "${tests[@]}"; do
     t0=$(now)
     log "== $t"
+    # A test without a host side of its own boots once with its default parameters
+    # (a "# boot: ..." line in its script: kernel command line words).
+    if ! declare -F "test_$t" >/dev/null; then
+        eval "test_$t() { boot_one $t \"\$(sed -n 's/^# boot: //p' \"\$HERE/tests/$t.sh\" | head -n 1)\"; }"
+    fi
     if "test_$t"; then
         STATUS[$t]=PASS
     else
