@@ -275,7 +275,9 @@ impl DeviceConfig {
                     self.name
                 )));
             }
-            FrontEndSpec::Vduse(_) | FrontEndSpec::Ublk(_) if self.access != SocketAccess::default() => {
+            FrontEndSpec::Vduse(_) | FrontEndSpec::Ublk(_)
+                if self.access != SocketAccess::default() =>
+            {
                 return Err(ConfigError::Other(format!(
                     "device {}: socket-mode, socket-owner and allow-uid apply to vhost-user sockets, not to a {} device",
                     self.name,
@@ -681,8 +683,7 @@ fn front_from(name: &str, t: &DeviceTable) -> Result<FrontEndSpec, ConfigError> 
 fn valid_vduse_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() < 64
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && n != "."
         && n != ".."

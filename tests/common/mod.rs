@@ -683,7 +683,10 @@ pub fn have_tool(tool: &str) -> bool {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     let found = || {
         Command::new("sh")
-            .args(["-c", &format!("PATH=\"$PATH:/usr/sbin:/sbin\" command -v {tool}")])
+            .args([
+                "-c",
+                &format!("PATH=\"$PATH:/usr/sbin:/sbin\" command -v {tool}"),
+            ])
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
