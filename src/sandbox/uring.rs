@@ -14,8 +14,9 @@ const REGISTER_FILES: u8 = 2;
 const UNREGISTER_FILES: u8 = 3;
 const REGISTER_PROBE: u8 = 8;
 
-/// What a reactor's ring may carry: block I/O on backend files, signalling call fds,
-/// cancelling, and registering buffers and files for faster I/O.
+/// What a reactor's ring may carry: block I/O on backend files, sending and receiving on
+/// backend sockets, signalling call fds, cancelling, and registering buffers and files for
+/// faster I/O.
 pub fn restrict_reactor_ring(ring: &IoUring) -> io::Result<()> {
     let ops = [
         opcode::Nop::CODE,
@@ -32,6 +33,11 @@ pub fn restrict_reactor_ring(ring: &IoUring) -> io::Result<()> {
         opcode::PollAdd::CODE,
         opcode::PollRemove::CODE,
         opcode::Timeout::CODE,
+        // NBD backend: requests and payloads on a connected socket (connecting happens
+        // elsewhere, under the control thread's filter).
+        opcode::SendMsg::CODE,
+        opcode::RecvMsg::CODE,
+        opcode::Recv::CODE,
     ];
     let regs = [
         REGISTER_BUFFERS,
