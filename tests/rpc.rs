@@ -360,3 +360,66 @@ fn poll_mode_changes_at_run_time_and_is_saved() {
         .unwrap_err();
     assert_eq!(err.0, -32602);
 }
+
+/// A queue idle for a while on a reactor that keeps running (poll mode: it never sleeps)
+/// parks: the reactor stops polling it and reads its kick eventfd instead. A request after
+/// that is served (the driver kicks), again and again; a parked queue whose frontend goes
+/// away drains at once (the kick read is cancelled), so the device can be removed.
+#[test]
+fn idle_queues_park_and_wake_on_a_kick() {
+    let dir = test_dir();
+    let (_server, path) = rpc_server(dir.path(), &["--poll-mode", "poll"]);
+    let mut rpc = Rpc::connect(&path);
+    for name in ["a", "b"] {
+        rpc.ok(
+            "device_add",
+            json!({"name": name, "socket-path": dir.path().join(format!("{name}.sock")), "ram": "16M", "num-queues": 1}),
+        );
+    }
+    let mut a = Client::connect(&dir.path().join("a.sock"), 1);
+    let mut b = Client::connect(&dir.path().join("b.sock"), 1);
+    for (c, seed) in [(&mut a, 1), (&mut b, 2)] {
+        let data = pattern(seed, 0, 4096);
+        ok("write", c.disk().write(0, &data));
+        assert_bytes_eq("read", &ok("read", c.disk().read(0, 4096)), &data);
+    }
+    let parked = |rpc: &mut Rpc| -> (u64, u64) {
+        let r = rpc.ok("reactor_stats", json!({}));
+        let r = &r.as_array().unwrap()[0];
+        (r["parked"].as_u64().unwrap(), r["parks"].as_u64().unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let (now, total) = parked(&mut rpc);
+    assert_eq!(now, 2, "both idle queues parked (parks so far: {total})");
+    // Wake b again and again: each request must be served although nobody polls it.
+    for i in 0..20u64 {
+        std::thread::sleep(Duration::from_millis(3 + i % 4));
+        let data = pattern(100 + i, i * 4096, 4096);
+        ok("write after parking", b.disk().write(i * 4096, &data));
+        assert_bytes_eq(
+            "read after parking",
+            &ok("read", b.disk().read(i * 4096, 4096)),
+            &data,
+        );
+    }
+    let (_, total_after) = parked(&mut rpc);
+    assert!(
+        total_after >= total + 10,
+        "b parked again between requests: {total} -> {total_after}"
+    );
+    // b's frontend leaves while its queue is parked: the queue drains and b goes.
+    std::thread::sleep(Duration::from_millis(50));
+    drop(b);
+    let mut removed = false;
+    for _ in 0..50 {
+        if rpc.call("device_remove", json!({"name": "b"})).is_ok() {
+            removed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(removed, "b could not be removed after its frontend left");
+    let data = pattern(7, 8192, 4096);
+    ok("a still serves", a.disk().write(8192, &data));
+    assert_bytes_eq("a", &ok("read", a.disk().read(8192, 4096)), &data);
+}

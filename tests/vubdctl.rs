@@ -447,7 +447,7 @@ fn reactors_poll_mode_version_methods() {
         ("0", cpu.as_str())
     );
     assert!(rows[0]["BUSY%"].parse::<f64>().is_ok(), "{text}");
-    for h in ["SLEEPS", "WAKEUPS", "POLLERS", "MODE"] {
+    for h in ["SLEEPS", "WAKEUPS", "POLLERS", "PARKED", "MODE"] {
         assert!(rows[0].contains_key(h), "{text}");
     }
 

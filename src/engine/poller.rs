@@ -49,6 +49,7 @@ pub struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     /// A context without a reactor around it (tests): pollers cannot be spawned.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn new(ring: &'a mut Uring, slot: usize, reactor: usize) -> Ctx<'a> {
         Ctx {
             ring,
@@ -135,6 +136,15 @@ pub trait Poller: Any {
 
     /// After the reactor woke up: polling again, wake-ups are not needed.
     fn disarm(&mut self) {}
+
+    /// The poller has found no work for a while (`PARK_AFTER`) while the reactor stays busy
+    /// with others: it may stop being polled. True if it armed a completion on the reactor's
+    /// ring that will bring it back (e.g. a read of its kick eventfd) and nothing else of
+    /// its own needs polling; it is then skipped by every pass until a completion for it
+    /// arrives. Default: always polled.
+    fn park(&mut self, _ctx: &mut Ctx<'_>) -> bool {
+        false
+    }
 
     /// Fds whose readability means work for this poller, watched while the reactor sleeps.
     fn wake_fds(&self) -> Vec<RawFd> {

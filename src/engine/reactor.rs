@@ -17,6 +17,11 @@ use super::{Message, PollMode, ReactorHandle, Settings};
 
 /// Adaptive mode's spin while waiting only for io_uring completions; see `io_spin_ticks`.
 const IO_SPIN: Duration = Duration::from_micros(5);
+/// A poller idle this long while its reactor stays busy is asked to park (`Poller::park`):
+/// a busy reactor then polls only hot queues, however many idle devices it carries.
+/// Waking a parked queue costs its driver one kick; at this distance between requests that
+/// is noise.
+pub const PARK_AFTER: Duration = Duration::from_millis(1);
 
 const TOKEN_MESSAGE: u64 = u64::MAX;
 const TOKEN_URING: u64 = u64::MAX - 1;
@@ -29,6 +34,10 @@ struct Slot {
     poller: Box<dyn Poller>,
     wake_fds: Vec<RawFd>,
     on_stopped: Option<OnStopped>,
+    /// Skipped by passes until a completion for it arrives.
+    parked: bool,
+    /// When its `poll` last found work (ticks).
+    busy_at: u64,
 }
 
 pub struct Reactor {
@@ -37,6 +46,7 @@ pub struct Reactor {
     mode: PollMode,
     idle_spin: Duration,
     idle_spin_ticks: u64,
+    park_ticks: u64,
     /// Spin while only the kernel has work (I/O in flight, pollers idle): short, because a
     /// completion is worth a wakeup but not a core.
     io_spin_ticks: u64,
@@ -76,6 +86,7 @@ impl Reactor {
             mode: settings.mode,
             idle_spin: settings.idle_spin,
             idle_spin_ticks: 0,
+            park_ticks: duration_to_ticks(PARK_AFTER),
             io_spin_ticks: 0,
             rx,
             wake,
@@ -89,14 +100,6 @@ impl Reactor {
         };
         r.set_mode(settings);
         Ok(r)
-    }
-
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
-    pub fn cpu(&self) -> usize {
-        self.cpu
     }
 
     pub fn stats(&self) -> ReactorStats {
@@ -121,6 +124,11 @@ impl Reactor {
     /// How many pollers run here (stopping ones included).
     pub fn poller_count(&self) -> usize {
         self.slots.iter().flatten().count()
+    }
+
+    /// How many of them are parked (not polled until a completion wakes them).
+    pub fn parked_count(&self) -> usize {
+        self.slots.iter().flatten().filter(|s| s.parked).count()
     }
 
     /// Adds a poller built on this thread by `make` (which may submit to the ring through
@@ -174,6 +182,8 @@ impl Reactor {
             poller,
             wake_fds,
             on_stopped: None,
+            parked: false,
+            busy_at: ticks(),
         });
     }
 
@@ -242,9 +252,13 @@ impl Reactor {
                 break;
             }
             work += self.reap();
+            let pass_start = ticks();
             for slot in 0..self.slots.len() {
                 let index = self.index;
                 if let Some(s) = self.slots[slot].as_mut() {
+                    if s.parked {
+                        continue;
+                    }
                     let mut ctx = Ctx::with(
                         &mut self.ring,
                         slot,
@@ -252,7 +266,17 @@ impl Reactor {
                         &mut self.spawned,
                         Some(&self.handle),
                     );
-                    work += s.poller.poll(&mut ctx);
+                    let n = s.poller.poll(&mut ctx);
+                    work += n;
+                    if n > 0 {
+                        s.busy_at = pass_start;
+                    } else if pass_start.wrapping_sub(s.busy_at) >= self.park_ticks
+                        && s.on_stopped.is_none()
+                        && s.poller.park(&mut ctx)
+                    {
+                        s.parked = true;
+                        self.stats.parks += 1;
+                    }
                 }
             }
             self.add_spawned();
@@ -330,6 +354,12 @@ impl Reactor {
             for &(ud, res) in &done[..n] {
                 let (slot, tag) = split_user_data(ud);
                 if let Some(Some(s)) = slots.get_mut(slot) {
+                    if s.parked {
+                        // Whatever it armed (or anything else of its own) came back: it is
+                        // polled again from this pass on.
+                        s.parked = false;
+                        s.busy_at = ticks();
+                    }
                     let mut ctx = Ctx::with(ring, slot, index, spawned, Some(handle));
                     s.poller.complete(&mut ctx, tag, res);
                 }
@@ -345,7 +375,7 @@ impl Reactor {
     fn end_pass(&mut self) {
         for slot in 0..self.slots.len() {
             let index = self.index;
-            if let Some(s) = self.slots[slot].as_mut() {
+            if let Some(s) = self.slots[slot].as_mut().filter(|s| !s.parked) {
                 let mut ctx = Ctx::with(
                     &mut self.ring,
                     slot,
@@ -443,7 +473,8 @@ impl Reactor {
             }
         }
         self.ring.disable_eventfd();
-        for s in self.slots.iter_mut().flatten() {
+        // A parked poller keeps its wake-up armed: it is not polled until it fires.
+        for s in self.slots.iter_mut().flatten().filter(|s| !s.parked) {
             s.poller.disarm();
         }
     }

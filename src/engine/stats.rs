@@ -47,6 +47,8 @@ pub struct ReactorStats {
     pub sleep_ticks: u64,
     /// Sleeps that ended because a wake-up fd fired (the rest timed out).
     pub wakeups: u64,
+    /// Times a poller idle for `PARK_AFTER` stopped being polled.
+    pub parks: u64,
 }
 
 impl ReactorStats {

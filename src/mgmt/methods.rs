@@ -381,6 +381,8 @@ fn reactor_stats(registry: &Registry) -> Value {
                 "sleeps": r.stats.sleeps,
                 "wakeups": r.stats.wakeups,
                 "pollers": r.pollers,
+                "parked": r.parked,
+                "parks": r.stats.parks,
                 "poll-mode": r.settings.mode.as_str(),
                 "idle-spin-us": r.settings.idle_spin.as_micros() as u64,
             })

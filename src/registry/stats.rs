@@ -55,6 +55,8 @@ pub struct ReactorSnapshot {
     pub cpu: usize,
     pub stats: ReactorStats,
     pub pollers: usize,
+    /// Pollers not polled until a completion wakes them (idle queues on notifications).
+    pub parked: usize,
     pub settings: Settings,
 }
 
@@ -165,14 +167,17 @@ impl Registry {
         self.reactors
             .iter()
             .map(|h| {
-                let got = h.call(ASK_TIMEOUT, |r| (r.stats(), r.poller_count(), r.settings()));
-                let (stats, pollers, settings) =
-                    got.unwrap_or_else(|| (ReactorStats::default(), 0, self.settings()));
+                let got = h.call(ASK_TIMEOUT, |r| {
+                    (r.stats(), r.poller_count(), r.parked_count(), r.settings())
+                });
+                let (stats, pollers, parked, settings) =
+                    got.unwrap_or_else(|| (ReactorStats::default(), 0, 0, self.settings()));
                 ReactorSnapshot {
                     index: h.index,
                     cpu: h.cpu,
                     stats,
                     pollers,
+                    parked,
                     settings,
                 }
             })

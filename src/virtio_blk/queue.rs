@@ -103,7 +103,17 @@ pub struct VirtQueue<N: Notifier> {
     /// The connection's dirty log (it comes with the memory): buffers filled by reads are
     /// marked when they complete, while a migration runs.
     log: Option<Arc<DirtyLog>>,
+    /// Parked: not polled by the reactor until the read of the kick fd completes.
+    parked: bool,
+    /// A read of the kick eventfd is in flight on the reactor's ring (into `kick_buf`).
+    kick_read: bool,
+    kick_buf: Box<u64>,
 }
+
+/// The read of the kick eventfd that wakes a parked queue, and the cancel of that read when
+/// the queue stops. Tags below 2^16 are head indices; `TAG_SIGNAL` is the notifier's.
+const TAG_KICK: u64 = BACKGROUND | 0x2_0000;
+const TAG_KICK_CANCEL: u64 = BACKGROUND | 0x3_0000;
 
 /// The dirty log the regions of `mem` mark (one per connection), if any.
 fn log_of(mem: &GuestMemoryMmap) -> Option<Arc<DirtyLog>> {
@@ -160,6 +170,9 @@ impl<N: Notifier> VirtQueue<N> {
             inflight: start.inflight,
             resubmit: start.resubmit.into_iter().rev().collect(),
             log,
+            parked: false,
+            kick_read: false,
+            kick_buf: Box::new(0),
         };
         // A backend killed between publishing used entries and signalling them leaves the
         // driver waiting for completions already in the used ring: a queue that starts
@@ -168,10 +181,7 @@ impl<N: Notifier> VirtQueue<N> {
         Ok(q)
     }
 
-    pub fn device(&self) -> &str {
-        &self.device
-    }
-
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn index(&self) -> u16 {
         self.index
     }
@@ -191,6 +201,7 @@ impl<N: Notifier> VirtQueue<N> {
         self.in_flight
     }
 
+    #[cfg(test)]
     pub fn is_broken(&self) -> bool {
         self.broken
     }
@@ -467,6 +478,11 @@ impl<N: Notifier + 'static> Poller for VirtQueue<N> {
     /// One pass over the avail ring: at most `queue size` chains, and no more than the
     /// backend can take. Returns how many chains were taken (plus completions reaped).
     fn poll(&mut self, ctx: &mut Ctx<'_>) -> u32 {
+        if self.parked {
+            // Back from parking (the reactor saw a completion for us): kicks not needed.
+            self.parked = false;
+            self.disarm();
+        }
         let mut work = if self.in_flight > 0 {
             self.reap_channel(ctx)
         } else {
@@ -515,11 +531,52 @@ impl<N: Notifier + 'static> Poller for VirtQueue<N> {
     }
 
     fn complete(&mut self, _ctx: &mut Ctx<'_>, tag: u64, result: i32) {
-        if tag & BACKGROUND != 0 {
-            self.notifier.complete(tag, result);
-        } else {
-            self.backend_done(tag, None, result);
+        match tag {
+            // The driver kicked (or the read was cancelled): the reactor polls us again.
+            TAG_KICK => self.kick_read = false,
+            TAG_KICK_CANCEL => {}
+            t if t & BACKGROUND != 0 => self.notifier.complete(tag, result),
+            _ => self.backend_done(tag, None, result),
         }
+    }
+
+    /// Idle for a while on a busy reactor: ask the driver to kick again and read the kick
+    /// eventfd on the reactor's ring; its completion brings the queue back. Not with
+    /// requests in flight (their completions may come through `poll`), a signal owed, or no
+    /// kick fd.
+    fn park(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let Some(kick) = self.kick.as_ref() else {
+            return false;
+        };
+        if !self.active()
+            || self.in_flight > 0
+            || self.needs_signal
+            || !self.resubmit.is_empty()
+            || ctx.ring.room() == 0
+        {
+            return false;
+        }
+        if !self.kick_read {
+            let buf: *mut u64 = &mut *self.kick_buf;
+            let sqe =
+                io_uring::opcode::Read::new(io_uring::types::Fd(kick.as_raw_fd()), buf.cast(), 8)
+                    .build()
+                    .user_data(ctx.user_data(TAG_KICK));
+            // SAFETY: `kick_buf` is a heap box owned by this queue, which the reactor keeps
+            // until `drained`, and `drained` waits for this read to complete (`stop` cancels
+            // it); the kick fd is our own dup, open as long as the queue.
+            if unsafe { ctx.ring.push(&sqe) }.is_err() {
+                return false;
+            }
+            self.kick_read = true;
+        }
+        if self.arm() != Armed::Sleep {
+            // Work raced in (or no kick can come): stay polled; the read completes later.
+            self.disarm();
+            return false;
+        }
+        self.parked = true;
+        true
     }
 
     /// Signals the driver once if the pass produced used entries and the driver wants to
@@ -564,12 +621,29 @@ impl<N: Notifier + 'static> Poller for VirtQueue<N> {
         fds
     }
 
-    fn stop(&mut self, _ctx: &mut Ctx<'_>) {
+    fn stop(&mut self, ctx: &mut Ctx<'_>) {
         self.stopping = true;
+        if self.kick_read {
+            let sqe = io_uring::opcode::AsyncCancel::new(ctx.user_data(TAG_KICK))
+                .build()
+                .user_data(ctx.user_data(TAG_KICK_CANCEL));
+            // SAFETY: a cancel names its target by user data and points to no memory.
+            if let Err(e) = unsafe { ctx.ring.push(&sqe) } {
+                log::error!(
+                    "device {} queue {}: cannot cancel the kick read: {e}",
+                    self.device,
+                    self.index
+                );
+            }
+        }
     }
 
     fn drained(&self) -> bool {
-        self.stopping && self.in_flight == 0 && !self.needs_signal && self.notifier.idle()
+        self.stopping
+            && self.in_flight == 0
+            && !self.needs_signal
+            && self.notifier.idle()
+            && !self.kick_read
     }
 
     fn describe(&self) -> String {

@@ -20,6 +20,8 @@ struct Reactor {
     sleeps: u64,
     wakeups: u64,
     pollers: u64,
+    #[serde(default)]
+    parked: u64,
     poll_mode: String,
     idle_spin_us: u64,
 }
@@ -57,6 +59,7 @@ fn render(cur: &[Reactor], prev: Option<(&[Reactor], f64)>) -> String {
         (sleeps, Align::Right),
         (wakeups, Align::Right),
         ("POLLERS", Align::Right),
+        ("PARKED", Align::Right),
         ("MODE", Align::Left),
     ]);
     for r in cur {
@@ -83,6 +86,7 @@ fn row(r: &Reactor, old: Option<(&Reactor, f64)>) -> Vec<String> {
         counts(d.sleeps),
         counts(d.wakeups),
         r.pollers.to_string(),
+        r.parked.to_string(),
         mode(r),
     ]
 }
@@ -130,6 +134,7 @@ mod tests {
             sleeps,
             wakeups: sleeps,
             pollers: 2,
+            parked: 0,
             poll_mode: "adaptive".into(),
             idle_spin_us: 50,
         }
@@ -141,7 +146,10 @@ mod tests {
         let b = reactor(2.0, 4.0, 30);
         let life = render(std::slice::from_ref(&b), None);
         let cols: Vec<&str> = life.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(cols, ["0", "1", "33.3", "30", "30", "2", "adaptive/50us"]);
+        assert_eq!(
+            cols,
+            ["0", "1", "33.3", "30", "30", "2", "0", "adaptive/50us"]
+        );
         let interval = render(&[b], Some((&[a], 2.0)));
         let cols: Vec<&str> = interval
             .lines()
