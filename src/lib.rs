@@ -21,6 +21,7 @@ mod engine;
 mod guestmem;
 mod mgmt;
 mod registry;
+mod rlimit;
 mod sandbox;
 mod service;
 mod ublk;
@@ -82,6 +83,13 @@ pub fn run(mut config: Config) -> Result<(), RunError> {
                 log::warn!("socket activation passed {name:?} (fd {fd}): no device has that name")
             }
         }
+    }
+    match rlimit::raise_nofile() {
+        Ok((old, new)) if old != new => {
+            log::info!("open files: soft limit raised from {old} to {new}")
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("cannot raise the open-file limit: {e}"),
     }
     sandbox::init(config.engine.seccomp)?;
     let signals = block_signals()?;

@@ -30,8 +30,6 @@ pub enum BlockError {
     Io(i32),
     #[error("short transfer ({0} bytes)")]
     Short(u32),
-    #[error("backend unavailable")]
-    Unavailable,
 }
 
 impl BlockError {
@@ -54,7 +52,7 @@ impl BlockError {
             }
             BlockError::BadBuffer => libc::EFAULT,
             BlockError::Io(e) => *e,
-            BlockError::Short(_) | BlockError::Unavailable => libc::EIO,
+            BlockError::Short(_) => libc::EIO,
         }
     }
 

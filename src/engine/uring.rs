@@ -105,6 +105,7 @@ impl Uring {
     }
 
     /// Hands every available completion to `f(user_data, result)`; returns how many.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) -> u32 {
         let mut buf = [(0u64, 0i32); 32];
         let mut total = 0;

@@ -192,7 +192,8 @@ impl DirtyLog {
         self.publish(&s);
     }
 
-    /// How many logs are mapped (tests, and a bound on what a frontend may pile up).
+    /// How many logs are mapped.
+    #[cfg(test)]
     pub fn mapped(&self) -> usize {
         self.lock().areas.len()
     }

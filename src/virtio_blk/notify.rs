@@ -142,6 +142,7 @@ impl EventFdNotifier {
     }
 
     /// Signals that could not be sent.
+    #[cfg(test)]
     pub fn failures(&self) -> u64 {
         self.failures
     }

@@ -91,21 +91,25 @@ impl Request {
     pub fn kind(&self) -> RequestType {
         self.kind.unwrap_or(RequestType::Unsupported(u32::MAX))
     }
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn sector(&self) -> u64 {
         self.sector
     }
     pub fn data(&self) -> &[GuestRange] {
         &self.data
     }
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn data_len(&self) -> u64 {
         self.data_len
     }
     pub fn status_addr(&self) -> GuestAddress {
         self.status
     }
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn segment(&self) -> Segment {
         self.segment
     }
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn offset(&self) -> u64 {
         self.sector << SECTOR_SHIFT
     }
