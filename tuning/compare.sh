@@ -191,6 +191,12 @@ for cell in "${TODO[@]}"; do
     echo "  $cell done ($(( $(date +%s) - STARTED )) s)" >&2
 done
 
+# The cross-core floor on the same two CPUs, measured now (the VM's vCPU placement moves it).
+if [ -x "$BIN/vubd-floor" ] || [ -x target/release/vubd-floor ]; then
+    floor_bin=$BIN/vubd-floor
+    [ -x "$floor_bin" ] || floor_bin=target/release/vubd-floor
+    "$floor_bin" --cpus "$CLI_CPU,$SRV_CPU" --seconds 3 >"$OUT/floor.txt" 2>>"$OUT/vubd.log" || rm -f "$OUT/floor.txt"
+fi
 FLOOR=""
 for f in "$OUT/floor.txt" tuning/results/floor.txt; do
     [ -f "$f" ] && { FLOOR=$f; break; }

@@ -24,7 +24,7 @@ json_median() {
 
 # Copies vubd and vubd-bench into directory $1 and points BIN there, so that a rebuild of
 # target/release during a long run cannot mix two builds in one comparison.
-snapshot_bins() { mkdir -p "$1" && cp "$BIN/vubd" "$BIN/vubd-bench" "$1/" && BIN=$1; }
+snapshot_bins() { mkdir -p "$1" && cp "$BIN/vubd" "$BIN/vubd-bench" "$BIN/vubd-floor" "$1/" && BIN=$1; }
 
 # The version of vubd being measured: commit, and whether the tree had local changes.
 vubd_version() { git describe --always --dirty 2>/dev/null || echo unknown; }

@@ -1,0 +1,96 @@
+//! vubd-floor: the cross-core floor under a QD1 round trip. Two threads, pinned to the
+//! client's and the server's CPUs, bounce one cache line: the first writes a sequence
+//! number, the second waits for it and writes it back. A virtio request at QD1 needs at
+//! least this (the driver publishes, the device sees it; the device publishes, the driver
+//! sees it), so no server's QD1 latency can go below it on these two CPUs.
+//!
+//! `vubd-floor [--cpus A,B] [--seconds S]` prints the p50 and p99 of one round trip, in
+//! microseconds, as `floor_p50_us=... floor_p99_us=...` (first number: the p50).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[repr(align(128))]
+struct Line(AtomicU64);
+
+fn pin(cpu: usize) -> bool {
+    core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
+}
+
+fn main() {
+    let mut cpus = (0usize, 1usize);
+    let mut seconds = 3.0f64;
+    let args: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--cpus" => {
+                let v = args.get(i + 1).expect("--cpus A,B");
+                let (a, b) = v.split_once(',').expect("--cpus A,B");
+                cpus = (a.parse().expect("cpu"), b.parse().expect("cpu"));
+                i += 2;
+            }
+            "--seconds" => {
+                seconds = args.get(i + 1).and_then(|s| s.parse().ok()).expect("--seconds S");
+                i += 2;
+            }
+            other => {
+                eprintln!("usage: vubd-floor [--cpus A,B] [--seconds S] (unknown {other:?})");
+                std::process::exit(2);
+            }
+        }
+    }
+    let ping = Arc::new(Line(AtomicU64::new(0)));
+    let pong = Arc::new(Line(AtomicU64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let (ping, pong, stop) = (ping.clone(), pong.clone(), stop.clone());
+        std::thread::spawn(move || {
+            if !pin(cpus.1) {
+                eprintln!("vubd-floor: cannot pin to cpu {}", cpus.1);
+            }
+            let mut seen = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let v = ping.0.load(Ordering::Acquire);
+                if v != seen {
+                    seen = v;
+                    pong.0.store(v, Ordering::Release);
+                }
+                std::hint::spin_loop();
+            }
+        })
+    };
+    if !pin(cpus.0) {
+        eprintln!("vubd-floor: cannot pin to cpu {}", cpus.0);
+    }
+    // Batches of round trips, timed as a whole: the clock costs more than one bounce.
+    const BATCH: u64 = 256;
+    let mut samples = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut seq = 0u64;
+    while Instant::now() < end {
+        let t0 = Instant::now();
+        for _ in 0..BATCH {
+            seq += 1;
+            ping.0.store(seq, Ordering::Release);
+            while pong.0.load(Ordering::Acquire) != seq {
+                std::hint::spin_loop();
+            }
+        }
+        samples.push(t0.elapsed().as_nanos() as f64 / BATCH as f64 / 1000.0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let q = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize];
+    println!(
+        "{:.3} floor_p50_us={:.3} floor_p99_us={:.3} round_trips={} cpus={},{}",
+        q(0.5),
+        q(0.5),
+        q(0.99),
+        samples.len() as u64 * BATCH,
+        cpus.0,
+        cpus.1
+    );
+}
