@@ -182,5 +182,11 @@ fn iovec_building(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse, iovec_building, queue_pass, queue_pass_backends);
+criterion_group!(
+    benches,
+    parse,
+    iovec_building,
+    queue_pass,
+    queue_pass_backends
+);
 criterion_main!(benches);

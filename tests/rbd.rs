@@ -76,24 +76,6 @@ fn export(cluster: &ceph::Cluster, dir: &Path, image: &str) -> Vec<u8> {
     std::fs::read(&path).expect("read export")
 }
 
-/// "Seccomp:" of every thread of `pid`: (thread name, mode).
-fn seccomp_of_threads(pid: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let t = t.unwrap().path();
-        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
-        let mode = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp:"))
-            .unwrap_or("?")
-            .trim()
-            .to_string();
-        out.push((name.trim().to_string(), mode));
-    }
-    out
-}
-
 /// What the client expects the image to hold: every write applied to a copy.
 struct Model(Vec<u8>);
 

@@ -708,3 +708,21 @@ pub fn have_tool(tool: &str) -> bool {
     }
     found()
 }
+
+/// "Seccomp:" of every thread of `pid`: (thread name, mode).
+pub fn seccomp_of_threads(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        out.push((name.trim().to_string(), mode));
+    }
+    out
+}
