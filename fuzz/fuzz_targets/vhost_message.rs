@@ -685,7 +685,10 @@ fn device() -> VhostDevice {
         queues: Default::default(),
         latency_histograms: true,
     };
-    VhostDevice::new(Arc::new(device), Arc::default(), 0, Arc::clone(watchdog()))
+    // Connection ids are never 0 (0 marks a free slot of the SIGBUS table) and never reused.
+    static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let conn = NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    VhostDevice::new(Arc::new(device), Arc::default(), conn, Arc::clone(watchdog()))
 }
 
 fuzz_target!(|msgs: Vec<Msg>| {
