@@ -36,11 +36,15 @@ pub fn host_range(
 #[inline]
 pub fn read_obj<T: ByteValued>(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<T> {
     match host_range(mem, addr, std::mem::size_of::<T>()) {
-        // SAFETY: the range lies inside a mapped region (checked); T is plain data, valid
-        // for any bytes; the read is volatile and unaligned because the driver owns the
-        // memory and may change it at any time.
-        Some((p, _, _)) => Some(unsafe { std::ptr::read_volatile(p.cast::<T>()) }),
-        None => mem.read_obj(addr).ok(),
+        // A driver places rings and descriptor tables where it likes: an address not aligned
+        // for T (hostile, or a frontend's odd region) takes vm-memory's byte-wise path.
+        Some((p, _, _)) if p.align_offset(std::mem::align_of::<T>()) == 0 => {
+            // SAFETY: the range lies inside a mapped region and is aligned for T (both
+            // checked); T is plain data, valid for any bytes; the read is volatile because
+            // the driver owns the memory and may change it at any time.
+            Some(unsafe { std::ptr::read_volatile(p.cast::<T>()) })
+        }
+        _ => mem.read_obj(addr).ok(),
     }
 }
 
@@ -87,5 +91,24 @@ pub fn mark_host_range(mem: &GuestMemoryMmap, p: *const u8, len: usize) {
             r.bitmap().mark_dirty(off, len);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_at_unaligned_guest_addresses_are_read_whole() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x101))
+            .unwrap();
+        assert_eq!(
+            read_obj::<u64>(&mem, GuestAddress(0x101)),
+            Some(0x1122_3344_5566_7788)
+        );
+        mem.write_obj(0xabcdu16, GuestAddress(0x200)).unwrap();
+        assert_eq!(read_obj::<u16>(&mem, GuestAddress(0x200)), Some(0xabcd));
+        assert_eq!(read_obj::<u64>(&mem, GuestAddress(0xffc)), None, "crosses the end");
     }
 }
