@@ -32,7 +32,10 @@ fn main() {
                 i += 2;
             }
             "--seconds" => {
-                seconds = args.get(i + 1).and_then(|s| s.parse().ok()).expect("--seconds S");
+                seconds = args
+                    .get(i + 1)
+                    .and_then(|s| s.parse().ok())
+                    .expect("--seconds S");
                 i += 2;
             }
             other => {
