@@ -31,6 +31,9 @@ pub struct BackendInfo {
 pub enum ResizeError {
     #[error("this backend cannot change its size")]
     NotSupported,
+    /// The front end cannot tell its consumer of a new size (the reason is the message).
+    #[error("this front end cannot change the device's size: {0}")]
+    FrontEndNotSupported(String),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]

@@ -60,7 +60,7 @@ impl From<DeviceError> for RpcError {
             DeviceError::NoSuchDevice(_) => NO_SUCH_DEVICE,
             DeviceError::Busy(_) => BUSY,
             DeviceError::Resize {
-                err: ResizeError::NotSupported,
+                err: ResizeError::NotSupported | ResizeError::FrontEndNotSupported(_),
                 ..
             } => NOT_SUPPORTED,
             DeviceError::Resize {

@@ -38,6 +38,9 @@ pub fn restrict_reactor_ring(ring: &IoUring) -> io::Result<()> {
         opcode::SendMsg::CODE,
         opcode::RecvMsg::CODE,
         opcode::Recv::CODE,
+        // ublk front end: FETCH_REQ / COMMIT_AND_FETCH_REQ on /dev/ublkcN (16-byte commands
+        // fit a plain SQE; the control commands go through a ring of their own, below).
+        opcode::UringCmd16::CODE,
     ];
     let regs = [
         REGISTER_BUFFERS,
@@ -47,6 +50,19 @@ pub fn restrict_reactor_ring(ring: &IoUring) -> io::Result<()> {
         REGISTER_PROBE,
     ];
     restrict(ring, &ops, &regs)
+}
+
+/// What ublk's control ring (128-byte SQEs) may carry: commands to /dev/ublk-control, and
+/// cancelling one that waits too long.
+pub fn restrict_ublk_control_ring(
+    ring: &IoUring<io_uring::squeue::Entry128, io_uring::cqueue::Entry>,
+) -> io::Result<()> {
+    let mut res = [
+        Restriction::sqe_op(opcode::UringCmd80::CODE),
+        Restriction::sqe_op(opcode::AsyncCancel::CODE),
+    ];
+    ring.submitter().register_restrictions(&mut res)?;
+    ring.submitter().register_enable_rings()
 }
 
 /// What a call fd's signal ring may carry: NOPs (their completions signal the eventfd).
