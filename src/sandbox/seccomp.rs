@@ -150,7 +150,7 @@ const CONTROL: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_eventfd2,
     libc::SYS_signalfd4,
-    // call fd signal rings, memory tables, inflight regions
+    // call fd signal rings, memory tables, inflight regions, ublk's control ring
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_register,
     libc::SYS_io_uring_enter,
@@ -169,10 +169,13 @@ const CONTROL: &[i64] = &[
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
-    // files: backends, /proc (eventfd checks), socket files, user lookups
+    // files: backends, /proc (eventfd checks), socket files, user lookups, /dev/ublk-control
+    // and /dev/ublkcN (ublk: mapped on the reactors, which need no call of their own for it)
     libc::SYS_openat,
     libc::SYS_readlink,
     libc::SYS_readlinkat,
+    // listing a directory: the VDUSE front end finds its /dev/vdX in sysfs
+    libc::SYS_getdents64,
     libc::SYS_lseek,
     libc::SYS_pread64,
     libc::SYS_ioctl,
@@ -303,6 +306,23 @@ fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, String> {
             .expect("valid rule"),
         ]
     });
+    // A VDUSE queue completes with VDUSE_VQ_INJECT_IRQ on its device fd, from its reactor:
+    // reactors may make that one ioctl.
+    if kind == ThreadKind::Reactor {
+        rules.insert(
+            libc::SYS_ioctl,
+            vec![
+                seccompiler::SeccompRule::new(vec![seccompiler::SeccompCondition::new(
+                    1,
+                    seccompiler::SeccompCmpArgLen::Dword,
+                    seccompiler::SeccompCmpOp::Eq,
+                    VDUSE_VQ_INJECT_IRQ,
+                )
+                .expect("valid condition")])
+                .expect("valid rule"),
+            ],
+        );
+    }
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
@@ -368,6 +388,10 @@ fn refuse_open() -> Result<BpfProgram, String> {
     .and_then(BpfProgram::try_from)
     .map_err(|e| e.to_string())
 }
+
+/// `VDUSE_VQ_INJECT_IRQ` (`_IOW(0x81, 0x17, __u32)`), the one ioctl reactors may make (the
+/// VDUSE front end checks that its own definition agrees).
+pub const VDUSE_VQ_INJECT_IRQ: u64 = 0x4004_8117;
 
 /// Exit status of a process stopped by a forbidden system call.
 pub const EXIT_FORBIDDEN: i32 = 159;
