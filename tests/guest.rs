@@ -266,3 +266,27 @@ fn guest_qemukill() {
 fn kernel_probe() {
     kernel_test("probe");
 }
+
+/// ublk (/dev/ublkbN) in the 6.12 guest: geometry, ext4, fio verify, devices added and
+/// removed by RPC and SIGHUP, resize refused on a kernel without UPDATE_SIZE, an
+/// unprivileged vubd, 4 KiB IOPS.
+#[test]
+fn kernel_ublk() {
+    kernel_test("ublk");
+}
+
+/// ublk user recovery: vubd SIGKILLed twice under a verifying fio and started again with
+/// the same --ublk-id; fio completes clean. A device added without an id is taken over by id.
+#[test]
+fn kernel_ublk_recovery() {
+    kernel_test("ublk_recovery");
+}
+
+/// VDUSE (/dev/vdX through the kernel's virtio_blk) in the 6.12 guest: vdpa dev add,
+/// geometry, ext4, fio verify, resize with a config interrupt, devices added and removed by
+/// RPC, vubd SIGKILLed mid-I/O and restarted (it reopens /dev/vduse/NAME and resubmits what
+/// the killed one had taken), 4 KiB IOPS.
+#[test]
+fn kernel_vduse() {
+    kernel_test("vduse");
+}

@@ -30,6 +30,7 @@ declare -A NEED=(
     [blockdev]=util-linux
     [fstrim]=util-linux
     [shellcheck]=shellcheck
+    [socat]=socat
 )
 
 # The QEMU that vhost-user-blk tests must use: the same major version as

@@ -6,6 +6,7 @@
 # Usage: tests/guest/run.sh [TEST...]
 #   TEST: geometry queues fs fio discard restart resize migrate memhotplug diskhotplug
 #         reboot qemukill rbd (default all)
+#   or the kernel tests (probe ramdisk vduse ublk ublk_recovery), handed to kernel/run.sh
 #
 # Output: the guest's and the host's "VUBD-RESULT test=NAME status=PASS|FAIL key=value..."
 # lines, one "VUBD-TEST name=NAME status=... seconds=..." line per test, and a summary.
@@ -48,12 +49,24 @@ setup_missing() {
 }
 
 tests=("$@")
+# The VDUSE and ublk tests need a 6.12 guest with vubd inside it: kernel/run.sh runs them
+# (`run.sh vduse ublk` works from here too).
+KERNEL_TESTS=" probe ramdisk vduse ublk ublk_recovery "
+if [ ${#tests[@]} -gt 0 ] && [[ $KERNEL_TESTS == *" ${tests[0]} "* ]]; then
+    for t in "${tests[@]}"; do
+        [[ $KERNEL_TESTS == *" $t "* ]] || {
+            echo "$0: run the kernel tests ($KERNEL_TESTS) apart from the vhost-user ones" >&2
+            exit 2
+        }
+    done
+    exec "$(dirname "$0")/kernel/run.sh" "${tests[@]}"
+fi
 [ ${#tests[@]} -gt 0 ] || tests=("${ALL_TESTS[@]}")
 for t in "${tests[@]}"; do
     case " ${ALL_TESTS[*]} " in
     *" $t "*) ;;
     *)
-        echo "usage: $0 [TEST...]   tests: ${ALL_TESTS[*]}" >&2
+        echo "usage: $0 [TEST...]   tests: ${ALL_TESTS[*]}; kernel tests:$KERNEL_TESTS" >&2
         exit 2
         ;;
     esac

@@ -24,8 +24,9 @@ export PATH="$PATH:/usr/sbin:/sbin"
 # Kernel modules the tests need, with everything modules.dep says they depend on. Names
 # built into the kernel (virtio_pci in 6.12) are skipped.
 WANT_MODULES=(virtio_pci virtio_blk crc32c_generic ext4 vhost_iotlb vdpa vduse virtio_vdpa ublk_drv)
-# Host binaries copied into /usr/local/sbin of the guest with their shared libraries.
-WANT_BINS=(fio mke2fs e2fsck blkdiscard blockdev fstrim vdpa)
+# Host binaries copied into /usr/local/sbin of the guest with their shared libraries
+# (socat: the tests' JSON-RPC client for vubd's management socket).
+WANT_BINS=(fio mke2fs e2fsck blkdiscard blockdev fstrim vdpa socat)
 BACKPORTS_LINE="deb http://deb.debian.org/debian bookworm-backports main"
 
 die() {

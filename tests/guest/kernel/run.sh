@@ -132,7 +132,7 @@ if [ ! -f "$GUEST/base.img" ]; then
     exec 9>"$CACHE/.kernel-guest.lock"
     flock 9
     if [ ! -f "$GUEST/base.img" ]; then
-        need_tools apt-get apt-cache dpkg-deb depmod ldconfig xz fio mke2fs e2fsck blkdiscard blockdev fstrim vdpa
+        need_tools apt-get apt-cache dpkg-deb depmod ldconfig xz fio mke2fs e2fsck blkdiscard blockdev fstrim vdpa socat
         log "building the guest into $GUEST"
         t0=$(now)
         rm -rf "$GUEST.tmp"
