@@ -109,6 +109,10 @@ mod tests {
         );
         mem.write_obj(0xabcdu16, GuestAddress(0x200)).unwrap();
         assert_eq!(read_obj::<u16>(&mem, GuestAddress(0x200)), Some(0xabcd));
-        assert_eq!(read_obj::<u64>(&mem, GuestAddress(0xffc)), None, "crosses the end");
+        assert_eq!(
+            read_obj::<u64>(&mem, GuestAddress(0xffc)),
+            None,
+            "crosses the end"
+        );
     }
 }
