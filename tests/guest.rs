@@ -260,6 +260,15 @@ fn guest_qemukill() {
     guest_test("qemukill");
 }
 
+/// The disk with packed virtqueues (`packed=on`): the guest driver negotiated
+/// VIRTIO_F_RING_PACKED (sysfs, and QEMU's guest features), fio randrw with crc32c verify,
+/// a system_reset, then fio again while vubd is SIGKILLed and restarted (QEMU reconnects,
+/// the packed inflight record brings back what the killed vubd had taken).
+#[test]
+fn guest_packed() {
+    guest_test("packed");
+}
+
 /// The 6.12 guest that VDUSE and ublk run in: its modules load, /dev/vduse/control and
 /// /dev/ublk-control exist, vdpa lists the vduse management device, vubd runs in it.
 #[test]
@@ -289,4 +298,11 @@ fn kernel_ublk_recovery() {
 #[test]
 fn kernel_vduse() {
     kernel_test("vduse");
+}
+
+/// vhost-user-blk in the same 6.12 guest (vubd on the host, null disk): data path and the
+/// same fio as the VDUSE and ublk tests, so the three front ends compare in one kernel.
+#[test]
+fn kernel_vhostuser() {
+    kernel_test("vhostuser");
 }

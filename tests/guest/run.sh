@@ -5,8 +5,8 @@
 #
 # Usage: tests/guest/run.sh [TEST...]
 #   TEST: geometry queues fs fio discard restart resize migrate memhotplug diskhotplug
-#         reboot qemukill rbd (default all)
-#   or the kernel tests (probe ramdisk vduse ublk ublk_recovery), handed to kernel/run.sh
+#         reboot qemukill rbd packed (default all)
+#   or the kernel tests (probe ramdisk vduse ublk ublk_recovery vhostuser), handed to kernel/run.sh
 #
 # Output: the guest's and the host's "VUBD-RESULT test=NAME status=PASS|FAIL key=value..."
 # lines, one "VUBD-TEST name=NAME status=... seconds=..." line per test, and a summary.
@@ -35,7 +35,7 @@ CACHE=${VUBD_GUEST_CACHE:-/var/cache/vubd-guest}
 ACCEL=${VUBD_GUEST_ACCEL:-auto}
 BOOT_TIMEOUT=${VUBD_GUEST_BOOT_TIMEOUT:-300}
 KVM_PROBE_TIMEOUT=${VUBD_GUEST_KVM_PROBE_TIMEOUT:-30}
-ALL_TESTS=(geometry queues fs fio discard restart resize migrate memhotplug diskhotplug reboot qemukill rbd)
+ALL_TESTS=(geometry queues fs fio discard restart resize migrate memhotplug diskhotplug reboot qemukill rbd packed)
 DISK_SIZE=$((256 * 1024 * 1024))
 SERIAL=vubd-guest-disk
 GIB=1073741824
@@ -51,7 +51,7 @@ setup_missing() {
 tests=("$@")
 # The VDUSE and ublk tests need a 6.12 guest with vubd inside it: kernel/run.sh runs them
 # (`run.sh vduse ublk` works from here too).
-KERNEL_TESTS=" probe ramdisk vduse ublk ublk_recovery "
+KERNEL_TESTS=" probe ramdisk vduse ublk ublk_recovery vhostuser "
 if [ ${#tests[@]} -gt 0 ] && [[ $KERNEL_TESTS == *" ${tests[0]} "* ]]; then
     for t in "${tests[@]}"; do
         [[ $KERNEL_TESTS == *" $t "* ]] || {
@@ -322,12 +322,12 @@ stop_vubd() {
     return $((1 - alive))
 }
 
-# vhost_args SOCK QUEUES [chardev-extra]: the QEMU arguments of the vhost-user-blk disk
-# (QUEUES empty: no num-queues, QEMU's default of one queue per vCPU)
+# vhost_args SOCK QUEUES [chardev-extra [device-extra]]: the QEMU arguments of the
+# vhost-user-blk disk (QUEUES empty: no num-queues, QEMU's default of one queue per vCPU)
 vhost_args() {
     echo "-object memory-backend-memfd,id=mem0,size=512M,share=on -numa node,memdev=mem0
         -chardev socket,id=c0,path=$1${3:+,$3}
-        -device vhost-user-blk-pci,chardev=c0${2:+,num-queues=$2},queue-size=256"
+        -device vhost-user-blk-pci,id=disk0,chardev=c0${2:+,num-queues=$2},queue-size=256${4:+,$4}"
 }
 
 # --- results -------------------------------------------------------------------------------
@@ -788,6 +788,64 @@ test_reboot() {
 # qemukill: QEMU is SIGKILLed while the guest runs fio; vubd must free everything of that
 # connection (fds, guest memory mappings, in-flight requests: back to what it had before
 # QEMU came) and serve a new QEMU on the same socket.
+# packed: the disk with packed virtqueues (packed=on). The guest checks the negotiated
+# feature and runs fio randrw with verify; the host resets the guest (system_reset) and,
+# in the second boot's fio, SIGKILLs vubd and starts it again on the same socket; QEMU
+# reconnects. QEMU must report VIRTIO_F_RING_PACKED among the guest features, and vubd's log
+# must show packed rings stopping (GET_VRING_BASE with both positions).
+test_packed() {
+    local name=packed img=$WORK/packed.img rc=0 why="" q=$WORK/packed.qmp
+    local kill_after=${VUBD_GUEST_KILL_AFTER:-4}
+    truncate -s "$DISK_SIZE" "$img"
+    local vargs=(--blk-file "$img" --num-queues 2 --serial "$SERIAL")
+    start_vubd "$name" "${vargs[@]}" || {
+        host_fail $name vubd_start
+        return 1
+    }
+    # shellcheck disable=SC2046
+    REBOOT=1 QMP=$q start_qemu "$name" "vubd.test=packed vubd.fio_secs=20" \
+        $(vhost_args "$SOCK" 2 "$RECONNECT" packed=on)
+    local negotiated=no killed=no restarted=no
+    if wait_marker "$QEMU_LOG" VUBD-PACKED-RESET-READY "$BOOT_TIMEOUT"; then
+        qmp "$q" x-query-virtio-status '{"path":"/machine/peripheral/disk0/virtio-backend"}' \
+            >"$WORK/packed.status.json" 2>&1 || true
+        # the features the driver acked (guest-features), not the ones offered (host-features)
+        python3 -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+sys.exit(0 if any("VIRTIO_F_RING_PACKED" in f for f in d["guest-features"]["transports"]) else 1)' \
+            "$WORK/packed.status.json" 2>>"$WORK/packed.qemu.log" && negotiated=yes
+        qmp "$q" system_reset >/dev/null || why=system_reset
+    else
+        why=guest_not_ready_for_reset
+    fi
+    if [ -z "$why" ] && wait_marker "$QEMU_LOG" VUBD-PACKED-FIO-STARTED "$BOOT_TIMEOUT"; then
+        sleep "$kill_after"
+        if kill -0 "$QEMU_PID" 2>/dev/null && kill -KILL "$VUBD_PID" 2>/dev/null; then
+            killed=yes
+            wait "$VUBD_PID" 2>/dev/null || true
+            forget_pid "$VUBD_PID"
+            log "packed: vubd SIGKILLed ${kill_after} s into fio; starting it again"
+            sleep 1
+            start_vubd "$name" "${vargs[@]}" && restarted=yes
+        fi
+    fi
+    wait_qemu
+    check_run "$name" || rc=1
+    grep -aq 'VUBD-RESULT test=packed status=PASS stage=1' "$QEMU_LOG" || why="$why${why:+,}stage1_not_passed"
+    grep -aq 'VUBD-RESULT test=packed status=PASS stage=2' "$QEMU_LOG" || why="$why${why:+,}stage2_not_passed"
+    [ $negotiated = yes ] || why="$why${why:+,}qemu_does_not_report_packed"
+    [ $killed = yes ] && [ $restarted = yes ] || why="$why${why:+,}no_restart"
+    grep -aq 'stopped at packed avail' "$WORK/$name.vubd.log" || why="$why${why:+,}vubd_ran_no_packed_ring"
+    local st=PASS
+    [ -z "$why" ] || st=FAIL
+    echo "VUBD-RESULT test=$name-host status=$st packed_negotiated=$negotiated killed=$killed restarted=$restarted ${why:+reason=$why}"
+    [ $st = PASS ] || rc=1
+    if [ $restarted = yes ]; then
+        finish_vubd $name || rc=1
+    fi
+    return $rc
+}
+
 test_qemukill() {
     local name=qemukill img=$WORK/qemukill.img rc=0 why="" r=$WORK/qk-rpc.sock
     truncate -s "$DISK_SIZE" "$img"

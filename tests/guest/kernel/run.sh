@@ -196,7 +196,7 @@ start_qemu() {
     : >"$QEMU_LOG"
     # timeout(1) is the last line of defence if this script is killed without its trap.
     timeout -k 10 "$BOOT_TIMEOUT" qemu-system-x86_64 \
-        "${accel_args[@]}" -machine q35 -smp 2 -m 1G \
+        "${accel_args[@]}" -machine q35 -smp 2 -m 1G "${QEMU_EXTRA[@]}" \
         -nodefaults -nographic -monitor none -no-reboot \
         -serial "file:$QEMU_LOG" \
         -kernel "$GUEST/vmlinuz" -initrd "$WORK/initrd.img" \
@@ -275,6 +275,31 @@ boot_one() {
     check_run "$1"
 }
 test_probe() { boot_one probe ""; }
+# Extra QEMU arguments of the next boot (the vhostuser test's disk).
+QEMU_EXTRA=()
+# vhostuser: the same guest with a vhost-user-blk disk served by a vubd on the host, so the
+# three front ends are measured by the same fio in the same kernel.
+test_vhostuser() {
+    local sock=$WORK/vhostuser.sock vpid rc
+    "$VUBD" --socket-path "$sock" --null 1G --num-queues 1 >"$WORK/vhostuser.vubd.log" 2>&1 &
+    vpid=$!
+    PIDS+=("$vpid")
+    for _ in $(seq 100); do
+        [ -S "$sock" ] && break
+        sleep 0.1
+    done
+    # shellcheck disable=SC2054 # commas are inside QEMU option values
+    QEMU_EXTRA=(-object memory-backend-memfd,id=mem0,size=1G,share=on -numa node,memdev=mem0
+        -chardev "socket,id=vu0,path=$sock" -device vhost-user-blk-pci,chardev=vu0,num-queues=1)
+    rc=0
+    boot_one vhostuser "" || rc=1
+    QEMU_EXTRA=()
+    kill "$vpid" 2>/dev/null
+    wait "$vpid" 2>/dev/null || { log "host vubd exited with $?"; rc=1; }
+    forget_pid "$vpid"
+    grep -E 'panicked|vubd: seccomp' "$WORK/vhostuser.vubd.log" && rc=1
+    return $rc
+}
 test_ramdisk() { boot_one ramdisk "vubd.ram=64M vubd.secs=3"; }
 
 # --- run -----------------------------------------------------------------------------------------
