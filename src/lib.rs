@@ -183,7 +183,8 @@ pub mod testing {
     pub use crate::virtio_blk::iovec::{self, GuestRange};
     pub use crate::virtio_blk::mock;
     pub use crate::virtio_blk::notify::{EventFdNotifier, SignalRing};
-    pub use crate::virtio_blk::queue::{QueueStart, VirtQueue};
+    pub use crate::virtio_blk::packed::mock::{self as packed_mock, MockPackedQueue};
+    pub use crate::virtio_blk::queue::{PackedQueueStart, QueueStart, VirtQueue};
     pub use crate::virtio_blk::request::{
         ParseError, Parser, Request, RequestType, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };

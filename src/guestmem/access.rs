@@ -77,6 +77,32 @@ pub fn write_u8(mem: &GuestMemoryMmap, addr: GuestAddress, v: u8) -> bool {
     }
 }
 
+/// Writes a plain-data object (a packed ring's used descriptor fields, its event suppression
+/// words), and marks it. An aligned object is one volatile store of its size, as drivers
+/// expect of a ring's flags; callers order such stores with fences.
+#[inline]
+pub fn write_obj<T: ByteValued>(mem: &GuestMemoryMmap, addr: GuestAddress, v: T) -> bool {
+    let len = std::mem::size_of::<T>();
+    match host_range(mem, addr, len) {
+        Some((p, r, off)) => {
+            if p.align_offset(std::mem::align_of::<T>()) == 0 {
+                // SAFETY: the range lies inside a mapped region (checked) and is aligned for
+                // T (checked); T is plain data. Volatile: the driver reads it concurrently.
+                unsafe { std::ptr::write_volatile(p.cast::<T>(), v) };
+            } else {
+                // Only a frontend that placed a region at an odd guest address gets here.
+                for (i, b) in v.as_slice().iter().enumerate() {
+                    // SAFETY: p + i lies inside the checked range.
+                    unsafe { std::ptr::write_volatile(p.add(i), *b) };
+                }
+            }
+            r.bitmap().mark_dirty(off, len);
+            true
+        }
+        None => mem.write_obj(v, addr).is_ok(),
+    }
+}
+
 /// Marks dirty the guest pages behind `[p, p + len)`, a host range inside one region of
 /// `mem` (an iovec the backend filled). For the dirty log while it is on: a linear walk over
 /// the regions, which are few.

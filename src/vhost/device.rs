@@ -31,10 +31,13 @@ use crate::engine::eventfd::is_eventfd;
 use crate::engine::{Poller, PollerId};
 use crate::virtio_blk::config;
 use crate::virtio_blk::features::{bit, device_features};
-use crate::virtio_blk::features::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_RING_F_EVENT_IDX};
-use crate::virtio_blk::inflight::InflightRegion;
+use crate::virtio_blk::features::{
+    VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::virtio_blk::inflight::{InflightRegion, Layout};
 use crate::virtio_blk::notify::{CallFdError, EventFdNotifier, SignalRing};
-use crate::virtio_blk::queue::{QueueStart, QueueStopped, VirtQueue};
+use crate::virtio_blk::packed::{PackedInflight, PackedRing, PackedRingConfig, VringBase};
+use crate::virtio_blk::queue::{PackedQueueStart, QueueStart, QueueStopped, VirtQueue};
 
 /// Largest virtqueue accepted (QEMU's limit for vhost-user-blk).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -72,14 +75,19 @@ fn migratable(device: &Device) -> bool {
     !device.backend.process_local()
 }
 
-/// The virtio features a vhost-user device offers.
+/// The virtio features a vhost-user device offers: the device's, packed rings (vubd runs
+/// them itself, `virtio_blk::packed`; QEMU asks for them with `packed=on`), protocol
+/// features, and dirty logging where migration is possible.
 fn features(device: &Device) -> u64 {
     let log = if migratable(device) {
         VHOST_F_LOG_ALL
     } else {
         0
     };
-    device_features(&device.model) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | log
+    device_features(&device.model)
+        | bit(VIRTIO_F_RING_PACKED)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | log
 }
 
 /// A call fd, checked and set up to be signalled without ever blocking a reactor.
@@ -119,6 +127,11 @@ pub struct VhostDevice {
     vrings: Vec<Vring>,
     /// INFLIGHT_SHMFD region, kept by the frontend across restarts of vubd.
     inflight: Option<Arc<InflightRegion>>,
+    /// Per queue: the inflight region is the one GET_INFLIGHT_FD just made and the queue has
+    /// not run on it yet. A packed ring keeps its positions only there (not in guest memory):
+    /// a fresh record starts at the frontend's vring base, a used one (SET_INFLIGHT_FD after
+    /// a restart) says where the ring stands.
+    inflight_fresh: Vec<bool>,
     /// Paused while we wait for reactors, so only the frontend's own stalls count.
     watchdog: Arc<Watchdog>,
 }
@@ -144,6 +157,7 @@ impl VhostDevice {
             log,
             vrings,
             inflight: None,
+            inflight_fresh: Vec::new(),
             watchdog,
         }
     }
@@ -162,6 +176,20 @@ impl VhostDevice {
         self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 
+    /// The frontend negotiated packed virtqueues: every ring of the device is packed.
+    fn packed(&self) -> bool {
+        self.acked_features & bit(VIRTIO_F_RING_PACKED) != 0
+    }
+
+    /// The inflight layout the negotiated features call for.
+    fn inflight_layout(&self) -> Layout {
+        if self.packed() {
+            Layout::Packed
+        } else {
+            Layout::Split
+        }
+    }
+
     /// Starts ring `q` on its reactor once everything it needs has arrived. Per the vhost-user
     /// spec a ring starts on SET_VRING_KICK, and runs only while enabled when protocol
     /// features were negotiated.
@@ -178,6 +206,12 @@ impl VhostDevice {
             ));
         }
         let mem = mem.ok_or_else(|| invalid("ring kicked before any memory was shared"))?;
+        if self.packed() {
+            let start = self.packed_start(q, mem)?;
+            return self.launch(q, move |notifier, ctx| {
+                UserQueue::new_packed(start, notifier, ctx)
+            });
+        }
         let mut queue = self.build_queue(q, &mem)?;
         let mut inflight = self
             .inflight
@@ -206,13 +240,6 @@ impl VhostDevice {
                 );
             }
         }
-        let v = &mut self.vrings[usize::from(q)];
-        let dup = |f: &File| f.try_clone().map_err(Error::ReqHandlerError);
-        let kick = match v.kick.as_ref().and_then(Option::as_ref) {
-            Some(f) => Some(dup(f)?),
-            None => None,
-        };
-        let signal = v.call.as_ref().map(signal_ring).transpose()?;
         let start = QueueStart {
             device: Arc::clone(&self.device.name),
             index: q,
@@ -220,11 +247,35 @@ impl VhostDevice {
             mem,
             model: Arc::clone(&self.device.model),
             backend: Arc::clone(&self.device.backend),
-            kick,
+            kick: self.kick_dup(q)?,
             inflight,
             resubmit,
             latency: self.device.latency_histograms,
         };
+        self.launch(q, move |notifier, ctx| UserQueue::new(start, notifier, ctx))
+    }
+
+    /// A duplicate of ring `q`'s kick fd, if it has one.
+    fn kick_dup(&self, q: u16) -> Result<Option<File>> {
+        match self.vrings[usize::from(q)]
+            .kick
+            .as_ref()
+            .and_then(Option::as_ref)
+        {
+            Some(f) => f.try_clone().map(Some).map_err(Error::ReqHandlerError),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds the poller `build` makes for ring `q` on its reactor.
+    fn launch<F>(&mut self, q: u16, build: F) -> Result<()>
+    where
+        F: FnOnce(EventFdNotifier, &mut crate::engine::Ctx<'_>) -> std::io::Result<UserQueue>
+            + Send
+            + 'static,
+    {
+        let v = &mut self.vrings[usize::from(q)];
+        let signal = v.call.as_ref().map(signal_ring).transpose()?;
         let id = PollerId::next();
         v.poller = Some(id);
         let reactor = self.device.placement(q).clone();
@@ -237,7 +288,7 @@ impl VhostDevice {
         reactor.run(move |r| {
             r.add_poller(id, move |ctx| {
                 let notifier = EventFdNotifier::new(signal);
-                match UserQueue::new(start, notifier, ctx) {
+                match build(notifier, ctx) {
                     Ok(q) => Some(Box::new(q) as Box<dyn Poller>),
                     Err(e) => {
                         log::error!("cannot open the backend channel of queue {q}: {e}");
@@ -247,6 +298,90 @@ impl VhostDevice {
             })
         });
         Ok(())
+    }
+
+    /// A packed ring (VIRTIO_F_RING_PACKED): SET_VRING_ADDR's descriptor address is the
+    /// descriptor ring, its avail address the driver area (the driver's event suppression
+    /// structure), its used address the device area (ours). The ring starts at the vring base,
+    /// or where the inflight record says it stands after a restart, with the chains a killed
+    /// vubd had taken resubmitted first.
+    fn packed_start(&mut self, q: u16, mem: Arc<GuestMemoryMmap>) -> Result<PackedQueueStart> {
+        let v = &self.vrings[usize::from(q)];
+        let size = v.size;
+        let desc = self.memory.vva_to_gpa(v.desc, 16 * u64::from(size));
+        let driver_event = self.memory.vva_to_gpa(v.avail, 4);
+        let device_event = self.memory.vva_to_gpa(v.used, 4);
+        let (Some(desc_table), Some(driver_event), Some(device_event)) =
+            (desc, driver_event, device_event)
+        else {
+            return Err(invalid("vring address outside the shared memory"));
+        };
+        let cfg = PackedRingConfig {
+            size,
+            desc_table,
+            driver_event,
+            device_event,
+            event_idx: self.acked_features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
+        };
+        cfg.check(&mem).map_err(invalid)?;
+        let base = match v.base {
+            None => VringBase::START,
+            Some(b) => VringBase::decode(b, size)
+                .ok_or_else(|| invalid("packed vring base beyond the ring size"))?,
+        };
+        let mut base = base;
+        let mut resubmit = Vec::new();
+        let mut inflight = self
+            .inflight
+            .as_ref()
+            .and_then(|r| PackedInflight::of(r, q, size));
+        if self.inflight.is_some() && inflight.is_none() {
+            log::warn!(
+                "device {}: queue {q} is not covered by the inflight region",
+                self.name()
+            );
+        }
+        if let Some(t) = inflight.as_mut() {
+            let fresh = std::mem::take(&mut self.inflight_fresh[usize::from(q)]);
+            if fresh {
+                t.reset(base);
+            } else {
+                // The record is the truth: the frontend cannot know which chains a killed
+                // vubd had taken nor which it had used.
+                match t.recover(&mem, desc_table) {
+                    Ok(rec) => {
+                        base = rec.base;
+                        resubmit = rec.heads;
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "device {}: queue {q}: inflight record unusable ({e}); starting at the vring base",
+                            self.name()
+                        );
+                        t.reset(base);
+                    }
+                }
+            }
+            if !resubmit.is_empty() {
+                log::info!(
+                    "device {}: queue {q}: resubmitting {} in-flight request(s) from before the restart",
+                    self.name(),
+                    resubmit.len()
+                );
+            }
+        }
+        Ok(PackedQueueStart {
+            device: Arc::clone(&self.device.name),
+            index: q,
+            ring: PackedRing::new(cfg, base),
+            mem,
+            model: Arc::clone(&self.device.model),
+            backend: Arc::clone(&self.device.backend),
+            kick: self.kick_dup(q)?,
+            inflight,
+            resubmit,
+            latency: self.device.latency_histograms,
+        })
     }
 
     fn build_queue(&self, q: u16, mem: &GuestMemoryMmap) -> Result<Queue> {
@@ -269,7 +404,8 @@ impl VhostDevice {
             .and_then(|_| queue.try_set_used_ring_address(used))
             .map_err(|_| invalid("misaligned vring address"))?;
         queue.set_event_idx(self.acked_features & bit(VIRTIO_RING_F_EVENT_IDX) != 0);
-        queue.set_next_avail(v.base);
+        // Fits: SET_VRING_BASE of a split ring was checked to be 16 bits.
+        queue.set_next_avail(v.base.unwrap_or(0) as u16);
         queue.set_ready(true);
         if !queue.is_valid(mem) {
             return Err(invalid("vring outside the shared memory"));
@@ -306,13 +442,22 @@ impl VhostDevice {
             .paused(self.conn, || rx.recv_timeout(STOP_TIMEOUT))
         {
             Ok(stopped) => {
-                self.vrings[usize::from(q)].base = stopped.next_avail;
+                self.vrings[usize::from(q)].base = Some(stopped.base);
                 self.device.queues.stopped(q, id, &stopped.stats);
                 let s = &stopped.stats;
+                let at = match stopped.packed {
+                    Some(b) => format!(
+                        "packed avail {}/{} used {}/{}",
+                        b.avail.idx,
+                        u8::from(b.avail.wrap),
+                        b.used.idx,
+                        u8::from(b.used.wrap)
+                    ),
+                    None => format!("avail index {}", stopped.next_avail),
+                };
                 log::info!(
-                    "device {}: queue {q} stopped at avail index {}: {} requests, {} errors, {} notifications",
+                    "device {}: queue {q} stopped at {at}: {} requests, {} errors, {} notifications",
                     self.name(),
-                    stopped.next_avail,
                     s.requests(),
                     s.error_count(),
                     s.notifications
@@ -399,6 +544,7 @@ impl VhostDevice {
             *v = Vring::default();
         }
         self.inflight = None;
+        self.inflight_fresh.clear();
         self.acked_features = 0;
         // The rings are stopped: nothing marks any more. The logs stay mapped until the next
         // SET_LOG_BASE prunes them or the connection ends.
@@ -469,8 +615,12 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
-        if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
-            return Err(invalid("vring size must be a power of two up to 1024"));
+        if num == 0 || num > u32::from(MAX_QUEUE_SIZE) {
+            return Err(invalid("vring size must be between 1 and 1024"));
+        }
+        // A packed ring may have any size (virtio 1.1 §2.8.10.1); a split one not.
+        if !self.packed() && !num.is_power_of_two() {
+            return Err(invalid("split vring size must be a power of two"));
         }
         // Fits: at most 1024 (checked above).
         self.vring(index)?.size = num as u16;
@@ -494,9 +644,13 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         Ok(())
     }
 
+    /// A split ring's base is its next avail index; a packed ring's carries both positions
+    /// (checked against the ring size when the ring starts: SET_VRING_NUM may come later).
     fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
-        let base = u16::try_from(base).map_err(|_| invalid("vring base beyond 16 bits"))?;
-        self.vring(index)?.base = base;
+        if !self.packed() && base > u32::from(u16::MAX) {
+            return Err(invalid("vring base beyond 16 bits"));
+        }
+        self.vring(index)?.base = Some(base);
         Ok(())
     }
 
@@ -504,10 +658,12 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         self.vring(index)?;
         // Fits: vring() checked the index against the queue count (<= 256).
         self.stop(index as u16);
+        let packed = self.packed();
         let v = &mut self.vrings[index as usize];
         // The ring is stopped until the next SET_VRING_KICK.
         v.kick = None;
-        Ok(VhostUserVringState::new(index, u32::from(v.base)))
+        let start = if packed { VringBase::START.encode() } else { 0 };
+        Ok(VhostUserVringState::new(index, v.base.unwrap_or(start)))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
@@ -625,11 +781,19 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
                 "GET_INFLIGHT_FD for more queues or entries than offered",
             ));
         }
-        let region = InflightRegion::create(msg.num_queues, msg.queue_size, self.conn)
-            .map_err(Error::ReqHandlerError)?;
+        // The frontend sets the features first (QEMU's vhost_dev_prepare_inflight): the
+        // region has the layout of the rings it negotiated.
+        let region = InflightRegion::create_layout(
+            self.inflight_layout(),
+            msg.num_queues,
+            msg.queue_size,
+            self.conn,
+        )
+        .map_err(Error::ReqHandlerError)?;
         let file = region.file().try_clone().map_err(Error::ReqHandlerError)?;
         let reply = VhostUserInflight::new(region.mmap_size(), 0, msg.num_queues, msg.queue_size);
         self.inflight = Some(Arc::new(region));
+        self.inflight_fresh = vec![true; usize::from(msg.num_queues)];
         Ok((reply, file))
     }
 
@@ -639,7 +803,8 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
                 "SET_INFLIGHT_FD for more queues or entries than offered",
             ));
         }
-        let region = InflightRegion::open(
+        let region = InflightRegion::open_layout(
+            self.inflight_layout(),
             file,
             msg.mmap_offset,
             msg.mmap_size,
@@ -652,6 +817,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
             Error::InvalidParam
         })?;
         self.inflight = Some(Arc::new(region));
+        self.inflight_fresh = vec![false; usize::from(msg.num_queues)];
         Ok(())
     }
 

@@ -15,6 +15,9 @@ pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Packed virtqueues (virtio 1.1 §2.8). Offered by the vhost-user front end only, not part of
+/// `device_features`: a transport offers it when it runs packed rings.
+pub const VIRTIO_F_RING_PACKED: u32 = 34;
 
 pub const fn bit(n: u32) -> u64 {
     1 << n

@@ -11,6 +11,9 @@
 //! each queue's area rounded up to 64 bytes. Everything in it comes from the frontend and is
 //! treated as untrusted: head indices are bounded by the queue size and resubmitted chains
 //! are parsed and validated like any other.
+//!
+//! Packed rings use the spec's packed layout instead (`QueueRegionPacked`), kept by
+//! `packed::inflight` in the areas this region maps (`Layout::Packed`).
 
 use std::fs::File;
 use std::io;
@@ -33,6 +36,24 @@ pub fn queue_area_size(queue_size: u16) -> usize {
     (HEADER + DESC * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
 }
 
+/// Which ring layout the region records: the frontend negotiated features (VIRTIO_F_RING_PACKED
+/// or not) before GET_INFLIGHT_FD, so the region is made for one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Split,
+    Packed,
+}
+
+impl Layout {
+    /// Bytes of one queue's area.
+    pub fn area_size(self, queue_size: u16) -> usize {
+        match self {
+            Layout::Split => queue_area_size(queue_size),
+            Layout::Packed => crate::virtio_blk::packed::inflight::area_size(queue_size),
+        }
+    }
+}
+
 /// The whole shared region, mapped once; queues hold an `Arc` to it. The mapping is a
 /// frontend mapping like guest memory (the frontend holds the fd): registered for SIGBUS
 /// containment under the connection's id.
@@ -45,6 +66,7 @@ pub struct InflightRegion {
     file: File,
     pub num_queues: u16,
     pub queue_size: u16,
+    layout: Layout,
 }
 
 // SAFETY: the mapping lives as long as the region; each queue's area is written only by the one reactor
@@ -58,8 +80,19 @@ impl InflightRegion {
     /// GET_INFLIGHT_FD: a fresh zeroed region in a memfd, each queue's header initialized.
     /// The memfd is sealed against shrinking: the frontend gets the fd, but cannot make our
     /// mapping of it fault.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn create(num_queues: u16, queue_size: u16, owner: Owner) -> io::Result<InflightRegion> {
-        let len = queue_area_size(queue_size) * usize::from(num_queues);
+        Self::create_layout(Layout::Split, num_queues, queue_size, owner)
+    }
+
+    /// `create` for the split or the packed layout.
+    pub fn create_layout(
+        layout: Layout,
+        num_queues: u16,
+        queue_size: u16,
+        owner: Owner,
+    ) -> io::Result<InflightRegion> {
+        let len = layout.area_size(queue_size) * usize::from(num_queues);
         // SAFETY: the name is a NUL-terminated literal; the fd is checked below.
         let fd = unsafe {
             libc::memfd_create(
@@ -77,11 +110,16 @@ impl InflightRegion {
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        let region = Self::map(file, 0, len, num_queues, queue_size, owner)?;
+        let region = Self::map(file, 0, len, num_queues, queue_size, owner, layout)?;
         for q in 0..num_queues {
             let area = region.area(q);
-            area.write_u16(OFF_VERSION, 1);
-            area.write_u16(OFF_DESC_NUM, queue_size);
+            match layout {
+                Layout::Split => {
+                    area.write_u16(OFF_VERSION, 1);
+                    area.write_u16(OFF_DESC_NUM, queue_size);
+                }
+                Layout::Packed => crate::virtio_blk::packed::inflight::init(&area, queue_size),
+            }
         }
         Ok(region)
     }
@@ -96,7 +134,28 @@ impl InflightRegion {
         queue_size: u16,
         owner: Owner,
     ) -> io::Result<InflightRegion> {
-        let need = queue_area_size(queue_size) as u64 * u64::from(num_queues);
+        Self::open_layout(
+            Layout::Split,
+            file,
+            offset,
+            size,
+            num_queues,
+            queue_size,
+            owner,
+        )
+    }
+
+    /// `open` for the split or the packed layout.
+    pub fn open_layout(
+        layout: Layout,
+        file: File,
+        offset: u64,
+        size: u64,
+        num_queues: u16,
+        queue_size: u16,
+        owner: Owner,
+    ) -> io::Result<InflightRegion> {
+        let need = layout.area_size(queue_size) as u64 * u64::from(num_queues);
         let file_len = file.metadata()?.len();
         let end = offset
             .checked_add(size)
@@ -111,7 +170,15 @@ impl InflightRegion {
                 "inflight region does not fit its file or its queues",
             ));
         }
-        Self::map(file, offset, need as usize, num_queues, queue_size, owner)
+        Self::map(
+            file,
+            offset,
+            need as usize,
+            num_queues,
+            queue_size,
+            owner,
+            layout,
+        )
     }
 
     fn map(
@@ -121,6 +188,7 @@ impl InflightRegion {
         num_queues: u16,
         queue_size: u16,
         owner: Owner,
+        layout: Layout,
     ) -> io::Result<InflightRegion> {
         let mapping = Mapping::map(&file, offset, len, owner)?;
         Ok(InflightRegion {
@@ -130,7 +198,12 @@ impl InflightRegion {
             file,
             num_queues,
             queue_size,
+            layout,
         })
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     pub fn file(&self) -> &File {
@@ -141,8 +214,8 @@ impl InflightRegion {
         self.len as u64
     }
 
-    fn area(&self, q: u16) -> Area {
-        let size = queue_area_size(self.queue_size);
+    pub(crate) fn area(&self, q: u16) -> Area {
+        let size = self.layout.area_size(self.queue_size);
         // Checked in release builds too: the offset below relies on it.
         assert!(q < self.num_queues, "inflight queue {q} out of range");
         // SAFETY: q < num_queues (asserted), so the area lies inside the mapping.
@@ -152,7 +225,7 @@ impl InflightRegion {
 
     /// The tracker of queue `q`, if the region covers it with the same queue size.
     pub fn queue(self: &Arc<Self>, q: u16, queue_size: u16) -> Option<InflightQueue> {
-        if q >= self.num_queues || queue_size != self.queue_size {
+        if q >= self.num_queues || queue_size != self.queue_size || self.layout != Layout::Split {
             return None;
         }
         Some(InflightQueue {
@@ -166,38 +239,48 @@ impl InflightRegion {
 
 /// One queue's area. Accesses are volatile: the memory is shared with the frontend.
 #[derive(Clone, Copy, Debug)]
-struct Area {
+pub(crate) struct Area {
     base: *mut u8,
     len: usize,
 }
 
 impl Area {
-    fn write_u16(&self, off: usize, v: u16) {
+    pub(crate) fn write_u16(&self, off: usize, v: u16) {
         assert!(off + 2 <= self.len);
         // SAFETY: in bounds (asserted); unaligned write of plain bytes into our mapping.
         unsafe { std::ptr::write_volatile(self.base.add(off).cast::<[u8; 2]>(), v.to_le_bytes()) }
     }
-    fn read_u16(&self, off: usize) -> u16 {
+    pub(crate) fn read_u16(&self, off: usize) -> u16 {
         assert!(off + 2 <= self.len);
         // SAFETY: as in write_u16.
         u16::from_le_bytes(unsafe { std::ptr::read_volatile(self.base.add(off).cast::<[u8; 2]>()) })
     }
-    fn write_u8(&self, off: usize, v: u8) {
+    pub(crate) fn write_u8(&self, off: usize, v: u8) {
         assert!(off < self.len);
         // SAFETY: as in write_u16.
         unsafe { std::ptr::write_volatile(self.base.add(off), v) }
     }
-    fn read_u8(&self, off: usize) -> u8 {
+    pub(crate) fn read_u8(&self, off: usize) -> u8 {
         assert!(off < self.len);
         // SAFETY: as in write_u16.
         unsafe { std::ptr::read_volatile(self.base.add(off)) }
     }
-    fn write_u64(&self, off: usize, v: u64) {
+    pub(crate) fn write_u64(&self, off: usize, v: u64) {
         assert!(off + 8 <= self.len);
         // SAFETY: as in write_u16.
         unsafe { std::ptr::write_volatile(self.base.add(off).cast::<[u8; 8]>(), v.to_le_bytes()) }
     }
-    fn read_u64(&self, off: usize) -> u64 {
+    pub(crate) fn write_u32(&self, off: usize, v: u32) {
+        assert!(off + 4 <= self.len);
+        // SAFETY: as in write_u16.
+        unsafe { std::ptr::write_volatile(self.base.add(off).cast::<[u8; 4]>(), v.to_le_bytes()) }
+    }
+    pub(crate) fn read_u32(&self, off: usize) -> u32 {
+        assert!(off + 4 <= self.len);
+        // SAFETY: as in write_u16.
+        u32::from_le_bytes(unsafe { std::ptr::read_volatile(self.base.add(off).cast::<[u8; 4]>()) })
+    }
+    pub(crate) fn read_u64(&self, off: usize) -> u64 {
         assert!(off + 8 <= self.len);
         // SAFETY: as in write_u16.
         u64::from_le_bytes(unsafe { std::ptr::read_volatile(self.base.add(off).cast::<[u8; 8]>()) })

@@ -1,4 +1,4 @@
-//! The virtqueue front end: descriptor chains from split virtqueues in guest memory become
+//! The virtqueue front end: descriptor chains from split or packed virtqueues in guest memory become
 //! block requests; completions go back through the used ring and a notifier. The vhost-user
 //! control plane (and later VDUSE) sets queues up and hands them to reactors.
 //!
@@ -14,5 +14,6 @@ pub mod iovec;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod notify;
+pub mod packed;
 pub mod queue;
 pub mod request;
