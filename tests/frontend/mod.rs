@@ -539,3 +539,252 @@ pub fn blk_header(mem: &GuestMemory, gpa: u64, kind: u32, sector: u64) {
     h.extend_from_slice(&sector.to_le_bytes());
     mem.write(gpa, &h);
 }
+
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_RING_PACKED: u64 = 1 << 34;
+pub const DESC_F_AVAIL: u16 = 1 << 7;
+pub const DESC_F_USED: u16 = 1 << 15;
+/// SET_VRING_BASE of a fresh packed ring: both indices 0, both wrap counters 1.
+pub const PACKED_START: u32 = 0x8000_8000;
+
+/// The driver side of one packed ring laid out at `RING_AREA * (q + 1)`: the descriptor
+/// ring, the driver's event suppression structure 4 KiB further, the device's 8 KiB further.
+pub struct PackedRing {
+    pub q: u32,
+    pub size: u16,
+    pub desc: u64,
+    pub driver_event: u64,
+    pub device_event: u64,
+    pub kick: File,
+    pub call: File,
+    /// The driver's avail position and wrap counter.
+    pub avail_idx: u16,
+    pub avail_wrap: bool,
+    /// Where the driver expects the next used descriptor.
+    pub used_idx: u16,
+    pub used_wrap: bool,
+    /// Ring slots of each buffer id's chain.
+    slots: Vec<u16>,
+    next_id: u16,
+}
+
+impl PackedRing {
+    /// Configures packed ring `q` as QEMU does, starting at `PACKED_START`. None if vubd
+    /// refused any step.
+    pub fn setup(fe: &mut Frontend, mem: &GuestMemory, q: u32, size: u16) -> Option<PackedRing> {
+        Self::setup_at(fe, mem, q, size, PACKED_START)
+    }
+
+    /// `setup` with a vring base of the caller's choice (positions as vhost-user encodes them).
+    pub fn setup_at(
+        fe: &mut Frontend,
+        mem: &GuestMemory,
+        q: u32,
+        size: u16,
+        base: u32,
+    ) -> Option<PackedRing> {
+        let area = RING_AREA * (u64::from(q) + 1);
+        let ring = PackedRing {
+            q,
+            size,
+            desc: area,
+            driver_event: area + 0x1000,
+            device_event: area + 0x2000,
+            kick: eventfd(),
+            call: eventfd(),
+            avail_idx: (base & 0x7fff) as u16,
+            avail_wrap: base & 0x8000 != 0,
+            used_idx: ((base >> 16) & 0x7fff) as u16,
+            used_wrap: base & 0x8000_0000 != 0,
+            slots: vec![0; usize::from(size)],
+            next_id: 0,
+        };
+        mem.write(area, &vec![0u8; 16 * usize::from(size)]);
+        mem.write(ring.driver_event, &[0; 4]);
+        ring.configure(fe, base).then_some(ring)
+    }
+
+    pub fn configure(&self, fe: &mut Frontend, base: u32) -> bool {
+        let mut addr = self.q.to_le_bytes().to_vec();
+        addr.extend_from_slice(&0u32.to_le_bytes());
+        // desc, used (the device area), avail (the driver area), log.
+        for a in [self.desc, self.device_event, self.driver_event] {
+            addr.extend_from_slice(&(USER_BASE + a).to_le_bytes());
+        }
+        addr.extend_from_slice(&0u64.to_le_bytes());
+        fe.ack(
+            SET_VRING_NUM,
+            &vring_state(self.q, u32::from(self.size)),
+            &[],
+        )
+        .unwrap()
+            && fe
+                .ack(SET_VRING_BASE, &vring_state(self.q, base), &[])
+                .unwrap()
+            && fe.ack(SET_VRING_ADDR, &addr, &[]).unwrap()
+            && fe
+                .ack(
+                    SET_VRING_KICK,
+                    &u64_payload(u64::from(self.q)),
+                    &[self.kick.as_raw_fd()],
+                )
+                .unwrap()
+            && fe
+                .ack(
+                    SET_VRING_CALL,
+                    &u64_payload(u64::from(self.q)),
+                    &[self.call.as_raw_fd()],
+                )
+                .unwrap()
+            && fe
+                .ack(SET_VRING_ENABLE, &vring_state(self.q, 1), &[])
+                .unwrap()
+    }
+
+    /// Writes descriptor `i` as is.
+    pub fn put_desc(&self, mem: &GuestMemory, i: u16, addr: u64, len: u32, id: u16, flags: u16) {
+        let mut d = addr.to_le_bytes().to_vec();
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&id.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        mem.write(self.desc + 16 * u64::from(i), &d);
+    }
+
+    /// The AVAIL/USED bits that make a descriptor available in the driver's current lap.
+    pub fn avail_bits(&self) -> u16 {
+        if self.avail_wrap {
+            DESC_F_AVAIL
+        } else {
+            DESC_F_USED
+        }
+    }
+
+    /// Writes `(addr, len, flags, id)` descriptors from the avail position (flags exactly as
+    /// given: the caller adds the AVAIL/USED bits, or leaves them out), the first one's flags
+    /// last, and kicks. Each descriptor's bits must match its slot's lap: `lap_bits` adds
+    /// them as a driver does.
+    pub fn offer_raw(&mut self, mem: &GuestMemory, descs: &[(u64, u32, u16, u16)], lap_bits: bool) {
+        let head = self.avail_idx;
+        let mut head_flags = 0;
+        for (k, &(addr, len, flags, id)) in descs.iter().enumerate() {
+            let flags = if lap_bits {
+                flags | self.avail_bits()
+            } else {
+                flags
+            };
+            if k == 0 {
+                head_flags = flags;
+                self.put_desc(mem, self.avail_idx, addr, len, id, 0);
+            } else {
+                self.put_desc(mem, self.avail_idx, addr, len, id, flags);
+            }
+            self.avail_idx += 1;
+            if self.avail_idx == self.size {
+                self.avail_idx = 0;
+                self.avail_wrap = !self.avail_wrap;
+            }
+        }
+        if let Some(&(_, _, _, id)) = descs.last() {
+            if let Some(s) = self.slots.get_mut(usize::from(id)) {
+                *s = descs.len() as u16;
+            }
+        }
+        mem.write(
+            self.desc + 16 * u64::from(head) + 14,
+            &head_flags.to_le_bytes(),
+        );
+        self.kick_now();
+    }
+
+    pub fn kick_now(&self) {
+        let _ = (&self.kick).write(&1u64.to_ne_bytes());
+    }
+
+    fn fresh_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = (self.next_id + 1) % self.size;
+        id
+    }
+
+    /// Offers a chain of `(addr, len, flags)` buffers (NEXT added to all but the last) under
+    /// a fresh buffer id; returns the id.
+    pub fn submit(&mut self, mem: &GuestMemory, chain: &[(u64, u32, u16)]) -> u16 {
+        let id = self.fresh_id();
+        let n = chain.len();
+        let descs: Vec<_> = chain
+            .iter()
+            .enumerate()
+            .map(|(k, &(a, l, f))| (a, l, if k + 1 < n { f | DESC_F_NEXT } else { f }, id))
+            .collect();
+        self.offer_raw(mem, &descs, true);
+        id
+    }
+
+    /// Writes `chain` as an indirect table at `table` (no NEXT: every entry belongs to the
+    /// chain) and offers one descriptor referring to it; returns the buffer id.
+    pub fn submit_indirect(
+        &mut self,
+        mem: &GuestMemory,
+        table: u64,
+        chain: &[(u64, u32, u16)],
+    ) -> u16 {
+        for (i, &(a, l, f)) in chain.iter().enumerate() {
+            let mut d = a.to_le_bytes().to_vec();
+            d.extend_from_slice(&l.to_le_bytes());
+            d.extend_from_slice(&0u16.to_le_bytes());
+            d.extend_from_slice(&f.to_le_bytes());
+            mem.write(table + 16 * i as u64, &d);
+        }
+        let id = self.fresh_id();
+        self.offer_raw(
+            mem,
+            &[(table, 16 * chain.len() as u32, DESC_F_INDIRECT, id)],
+            true,
+        );
+        id
+    }
+
+    /// The flags of descriptor `i`.
+    pub fn flags_at(&self, mem: &GuestMemory, i: u16) -> u16 {
+        mem.read_u16(self.desc + 16 * u64::from(i) + 14)
+    }
+
+    /// The next used buffer if the device wrote one: (id, len).
+    pub fn poll_used(&mut self, mem: &GuestMemory) -> Option<(u16, u32)> {
+        let at = self.desc + 16 * u64::from(self.used_idx);
+        let d = mem.read(at, 16);
+        let flags = u16::from_le_bytes([d[14], d[15]]);
+        let used = (flags & DESC_F_AVAIL != 0) == self.used_wrap
+            && (flags & DESC_F_USED != 0) == self.used_wrap;
+        if !used {
+            return None;
+        }
+        let len = u32::from_le_bytes(d[8..12].try_into().unwrap());
+        let id = u16::from_le_bytes([d[12], d[13]]);
+        let n = *self.slots.get(usize::from(id))?;
+        self.used_idx += n;
+        if self.used_idx >= self.size {
+            self.used_idx -= self.size;
+            self.used_wrap = !self.used_wrap;
+        }
+        Some((id, len))
+    }
+
+    /// Waits for the next used buffer; None on timeout.
+    pub fn wait_used(&mut self, mem: &GuestMemory, timeout: Duration) -> Option<(u16, u32)> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(u) = self.poll_used(mem) {
+                return Some(u);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+
+    /// The positions as GET/SET_VRING_BASE carry them (avail low half, used high half).
+    pub fn base(&self) -> u32 {
+        let enc = |i: u16, w: bool| u32::from(i) | if w { 0x8000 } else { 0 };
+        enc(self.avail_idx, self.avail_wrap) | enc(self.used_idx, self.used_wrap) << 16
+    }
+}
