@@ -914,3 +914,53 @@ fn restarted_vubd_resubmits_packed_in_flight_requests_once_in_order() {
     );
     assert_bytes_eq("e", &read_file_at(&img, 32 * 512, 4096), &e);
 }
+
+/// A packed queue idle on a reactor that never sleeps (poll mode) parks: before it does, it
+/// asks the driver for a kick at its avail position in the device event area. A request
+/// offered without a kick then waits (nobody polls the queue); the kick brings it back.
+#[test]
+fn idle_packed_queue_parks_after_asking_for_kicks() {
+    let dir = test_dir();
+    let server = Server::start(dir.path(), "vubd", &["--ram", "16M", "--poll-mode", "poll"]);
+    let mem = GuestMemory::new(MEM);
+    let mut fe = connect(&server.socket, &mem, F_EVENT_IDX, 0);
+    let mut ring = PackedRing::setup(&mut fe, &mem, 0, 16).expect("packed ring set up");
+    for round in 0..12u16 {
+        // Idle: parked, with a kick asked for at the driver's next avail position.
+        let want = ring.avail_idx | if ring.avail_wrap { 0x8000 } else { 0 };
+        let deadline = std::time::Instant::now() + WAIT;
+        while (
+            mem.read_u16(ring.device_event + 2),
+            mem.read_u16(ring.device_event),
+        ) != (2, want)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: no kick asked for"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        // Offered without a kick: not served while parked.
+        let slot = round % 4;
+        blk_header(&mem, hdr_at(slot), T_FLUSH, 0);
+        mem.write(status_at(slot), &[0xff]);
+        let id = ring.submit_quiet(
+            &mem,
+            &[(hdr_at(slot), 16, 0), (status_at(slot), 1, DESC_F_WRITE)],
+        );
+        assert_eq!(
+            ring.wait_used(&mem, Duration::from_millis(30)),
+            None,
+            "round {round}: served without a kick"
+        );
+        ring.kick_now();
+        assert_eq!(
+            ring.wait_used(&mem, WAIT),
+            Some((id, 1)),
+            "round {round}: the kick woke it"
+        );
+        assert_eq!(mem.read(status_at(slot), 1)[0], S_OK);
+    }
+    drop(fe);
+}
