@@ -836,9 +836,15 @@ sys.exit(0 if any("VIRTIO_F_RING_PACKED" in f for f in d["guest-features"]["tran
     [ $negotiated = yes ] || why="$why${why:+,}qemu_does_not_report_packed"
     [ $killed = yes ] && [ $restarted = yes ] || why="$why${why:+,}no_restart"
     grep -aq 'stopped at packed avail' "$WORK/$name.vubd.log" || why="$why${why:+,}vubd_ran_no_packed_ring"
+    # The restarted vubd found the killed one's packed inflight record usable (its ring
+    # positions come from there: QEMU cannot read a packed ring's avail index back).
+    grep -aqE 'inflight record unusable|not covered by the inflight region' "$WORK/$name.vubd.log" &&
+        why="$why${why:+,}inflight_record_refused"
+    local resubmitted
+    resubmitted=$(grep -ao 'resubmitting [0-9]* in-flight' "$WORK/$name.vubd.log" | awk '{s += $2} END {print s + 0}')
     local st=PASS
     [ -z "$why" ] || st=FAIL
-    echo "VUBD-RESULT test=$name-host status=$st packed_negotiated=$negotiated killed=$killed restarted=$restarted ${why:+reason=$why}"
+    echo "VUBD-RESULT test=$name-host status=$st packed_negotiated=$negotiated killed=$killed restarted=$restarted resubmitted_requests=$resubmitted ${why:+reason=$why}"
     [ $st = PASS ] || rc=1
     if [ $restarted = yes ]; then
         finish_vubd $name || rc=1
