@@ -179,11 +179,12 @@ pub mod testing {
     pub use crate::vhost::device::VhostDevice;
     pub use crate::vhost::watchdog::Watchdog;
     pub use crate::virtio_blk::chain::Chain;
-    pub use crate::virtio_blk::inflight::InflightRegion;
+    pub use crate::virtio_blk::inflight::{InflightRegion, Layout as InflightLayout};
     pub use crate::virtio_blk::iovec::{self, GuestRange};
     pub use crate::virtio_blk::mock;
     pub use crate::virtio_blk::notify::{EventFdNotifier, SignalRing};
     pub use crate::virtio_blk::packed::mock::{self as packed_mock, MockPackedQueue};
+    pub use crate::virtio_blk::packed::{PackedInflight, PackedRing, PackedRingConfig, VringBase};
     pub use crate::virtio_blk::queue::{PackedQueueStart, QueueStart, VirtQueue};
     pub use crate::virtio_blk::request::{
         ParseError, Parser, Request, RequestType, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
