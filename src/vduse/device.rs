@@ -38,7 +38,8 @@ use crate::guestmem::fault::Owner;
 use crate::guestmem::GuestMemoryMmap;
 use crate::virtio_blk::features::{bit, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio_blk::inflight::InflightRegion;
-use crate::virtio_blk::queue::{QueueStart, QueueStopped, VirtQueue};
+use crate::virtio_blk::queue::{QueueStart, VirtQueue};
+use crate::virtio_blk::running;
 
 /// The largest ring vubd offers per queue (VQ_SETUP): virtio_vdpa allocates rings of this
 /// size, virtio_blk's queue depth follows.
@@ -455,41 +456,10 @@ impl VduseDevice {
         let Some(id) = self.vqs[usize::from(q)].poller.take() else {
             return;
         };
-        let (tx, rx) = crossbeam_channel::bounded::<QueueStopped>(1);
-        self.device.placement(q).run(move |r| {
-            r.stop_poller(
-                id,
-                Box::new(move |p| {
-                    let any: Box<dyn Any> = p;
-                    if let Ok(q) = any.downcast::<VduseQueue>() {
-                        let stopped = q.stopped();
-                        drop(q);
-                        let _ = tx.send(stopped);
-                    }
-                }),
-            )
-        });
-        match rx.recv_timeout(STOP_TIMEOUT) {
-            Ok(stopped) => {
-                self.vqs[usize::from(q)].base = stopped.next_avail;
-                self.device.queues.stopped(q, id, &stopped.stats);
-                let s = &stopped.stats;
-                log::info!(
-                    "device {}: queue {q} stopped at avail index {}: {} requests, {} errors, {} interrupts",
-                    self.name(),
-                    stopped.next_avail,
-                    s.requests(),
-                    s.error_count(),
-                    s.notifications
-                );
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                self.device.queues.stopped(q, id, &IoStats::default());
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => log::error!(
-                "device {}: queue {q} did not drain within {STOP_TIMEOUT:?}",
-                self.name()
-            ),
+        let rx = running::stop::<IrqNotifier>(&self.device, q, id);
+        let outcome = rx.recv_timeout(STOP_TIMEOUT);
+        if let Some(stopped) = running::stopped(&self.device, q, id, outcome, STOP_TIMEOUT) {
+            self.vqs[usize::from(q)].base = stopped.next_avail;
         }
     }
 
@@ -557,23 +527,15 @@ impl VduseDevice {
         let Some(mem) = self.iotlb.snapshot() else {
             return true;
         };
-        let mut waits = Vec::new();
-        for (q, v) in self.vqs.iter().enumerate() {
-            let Some(id) = v.poller else { continue };
-            let mem = Arc::clone(&mem);
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            // Fits: at most 65535 queues.
-            self.device.placement(q as u16).run(move |r| {
-                if let Some(p) = r.poller_mut(id) {
-                    let any: &mut dyn Any = p;
-                    if let Some(q) = any.downcast_mut::<VduseQueue>() {
-                        q.set_memory(mem);
-                    }
-                }
-                let _ = tx.send(());
-            });
-            waits.push(rx);
-        }
+        let waits = running::publish_memory::<IrqNotifier>(
+            &self.device,
+            self.vqs
+                .iter()
+                .enumerate()
+                // Fits: at most 65535 queues.
+                .filter_map(|(q, v)| Some((q as u16, v.poller?))),
+            &mem,
+        );
         for rx in waits {
             let _ = rx.recv_timeout(STOP_TIMEOUT);
         }

@@ -37,7 +37,8 @@ use crate::virtio_blk::features::{
 use crate::virtio_blk::inflight::{InflightRegion, Layout};
 use crate::virtio_blk::notify::{CallFdError, EventFdNotifier, SignalRing};
 use crate::virtio_blk::packed::{PackedInflight, PackedRing, PackedRingConfig, VringBase};
-use crate::virtio_blk::queue::{PackedQueueStart, QueueStart, QueueStopped, VirtQueue};
+use crate::virtio_blk::queue::{PackedQueueStart, QueueStart, VirtQueue};
+use crate::virtio_blk::running;
 
 /// Largest virtqueue accepted (QEMU's limit for vhost-user-blk).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -425,52 +426,12 @@ impl VhostDevice {
         let Some(id) = self.vrings[usize::from(q)].poller.take() else {
             return;
         };
-        let (tx, rx) = crossbeam_channel::bounded::<QueueStopped>(1);
-        self.device.placement(q).run(move |r| {
-            r.stop_poller(
-                id,
-                Box::new(move |p| {
-                    let any: Box<dyn Any> = p;
-                    if let Ok(q) = any.downcast::<UserQueue>() {
-                        let _ = tx.send(q.stopped());
-                    }
-                }),
-            )
-        });
-        match self
+        let rx = running::stop::<EventFdNotifier>(&self.device, q, id);
+        let outcome = self
             .watchdog
-            .paused(self.conn, || rx.recv_timeout(STOP_TIMEOUT))
-        {
-            Ok(stopped) => {
-                self.vrings[usize::from(q)].base = Some(stopped.base);
-                self.device.queues.stopped(q, id, &stopped.stats);
-                let s = &stopped.stats;
-                let at = match stopped.packed {
-                    Some(b) => format!(
-                        "packed avail {}/{} used {}/{}",
-                        b.avail.idx,
-                        u8::from(b.avail.wrap),
-                        b.used.idx,
-                        u8::from(b.used.wrap)
-                    ),
-                    None => format!("avail index {}", stopped.next_avail),
-                };
-                log::info!(
-                    "device {}: queue {q} stopped at {at}: {} requests, {} errors, {} notifications",
-                    self.name(),
-                    s.requests(),
-                    s.error_count(),
-                    s.notifications
-                );
-            }
-            // The queue never started on its reactor (its backend channel failed).
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                self.device.queues.stopped(q, id, &IoStats::default());
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => log::error!(
-                "device {}: queue {q} did not drain within {STOP_TIMEOUT:?}",
-                self.name()
-            ),
+            .paused(self.conn, || rx.recv_timeout(STOP_TIMEOUT));
+        if let Some(stopped) = running::stopped(&self.device, q, id, outcome, STOP_TIMEOUT) {
+            self.vrings[usize::from(q)].base = Some(stopped.base);
         }
     }
 
@@ -487,23 +448,15 @@ impl VhostDevice {
         let Some(mem) = self.memory.snapshot() else {
             return;
         };
-        let mut waits = Vec::new();
-        for (q, v) in self.vrings.iter().enumerate() {
-            let Some(id) = v.poller else { continue };
-            let mem = Arc::clone(&mem);
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            // Fits: at most 256 queues.
-            self.device.placement(q as u16).run(move |r| {
-                if let Some(p) = r.poller_mut(id) {
-                    let any: &mut dyn Any = p;
-                    if let Some(q) = any.downcast_mut::<UserQueue>() {
-                        q.set_memory(mem);
-                    }
-                }
-                let _ = tx.send(());
-            });
-            waits.push(rx);
-        }
+        let waits = running::publish_memory::<EventFdNotifier>(
+            &self.device,
+            self.vrings
+                .iter()
+                .enumerate()
+                // Fits: at most 256 queues.
+                .filter_map(|(q, v)| Some((q as u16, v.poller?))),
+            &mem,
+        );
         self.watchdog.paused(self.conn, || {
             for rx in waits {
                 let _ = rx.recv_timeout(STOP_TIMEOUT);

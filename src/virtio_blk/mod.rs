@@ -17,3 +17,4 @@ pub mod notify;
 pub mod packed;
 pub mod queue;
 pub mod request;
+pub mod running;
