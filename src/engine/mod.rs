@@ -10,6 +10,7 @@ pub mod eventfd;
 pub mod poller;
 pub mod ratelimit;
 pub mod reactor;
+mod spin;
 pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

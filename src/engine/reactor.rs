@@ -11,12 +11,11 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use super::epoll::Epoll;
 use super::eventfd::EventFd;
 use super::poller::{split_user_data, Armed, Ctx, Poller, PollerId, Spawned};
+use super::spin::IoSpin;
 use super::stats::{duration_to_ticks, ticks, ReactorStats};
 use super::uring::Uring;
 use super::{Message, PollMode, ReactorHandle, Settings};
 
-/// Adaptive mode's spin while waiting only for io_uring completions; see `io_spin_ticks`.
-const IO_SPIN: Duration = Duration::from_micros(5);
 /// A poller idle this long while its reactor stays busy is asked to park (`Poller::park`):
 /// a busy reactor then polls only hot queues, however many idle devices it carries.
 /// Waking a parked queue costs its driver one kick; at this distance between requests that
@@ -49,7 +48,7 @@ pub struct Reactor {
     park_ticks: u64,
     /// Spin while only the kernel has work (I/O in flight, pollers idle): short, because a
     /// completion is worth a wakeup but not a core.
-    io_spin_ticks: u64,
+    io_spin: IoSpin,
     rx: Receiver<Message>,
     wake: Arc<EventFd>,
     /// This reactor as other threads reach it (handed to pollers that need it).
@@ -87,7 +86,7 @@ impl Reactor {
             idle_spin: settings.idle_spin,
             idle_spin_ticks: 0,
             park_ticks: duration_to_ticks(PARK_AFTER),
-            io_spin_ticks: 0,
+            io_spin: IoSpin::new(0),
             rx,
             wake,
             handle,
@@ -118,7 +117,7 @@ impl Reactor {
         self.mode = s.mode;
         self.idle_spin = s.idle_spin;
         self.idle_spin_ticks = duration_to_ticks(s.idle_spin);
-        self.io_spin_ticks = duration_to_ticks(s.idle_spin.min(IO_SPIN));
+        self.io_spin.set_max(self.idle_spin_ticks);
     }
 
     /// How many pollers run here (stopping ones included).
@@ -292,6 +291,7 @@ impl Reactor {
             if work > 0 {
                 self.stats.busy_ticks += spent;
                 idle_since = None;
+                self.io_spin.worked(now);
                 continue;
             }
             self.stats.idle_ticks += spent;
@@ -300,7 +300,8 @@ impl Reactor {
                 PollMode::Interrupt => true,
                 PollMode::Adaptive => {
                     let spin = if self.ring.in_flight() > 0 {
-                        self.io_spin_ticks
+                        self.io_spin.waiting(start);
+                        self.io_spin.budget()
                     } else {
                         self.idle_spin_ticks
                     };
@@ -309,6 +310,12 @@ impl Reactor {
                 // Nothing to poll: even poll mode sleeps until a poller arrives.
                 PollMode::Poll => self.slots.iter().all(Option::is_none),
             };
+            if !should_sleep && self.mode == PollMode::Adaptive && self.ring.in_flight() > 0 {
+                // Waiting on the kernel's I/O: let whatever does it (an io-wq worker woken on
+                // this CPU) run now rather than when we sleep (see `spin`).
+                // SAFETY: sched_yield takes no arguments and cannot fail in a way that matters.
+                unsafe { libc::sched_yield() };
+            }
             if should_sleep {
                 self.sleep();
                 last = ticks();
