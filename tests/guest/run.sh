@@ -373,6 +373,8 @@ test_queues() {
         echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_exited_early"
         rc=1
     }
+    # The guest ran its geometry check (test=geometry above); this line is the queues verdict.
+    echo "VUBD-RESULT test=$name status=$([ $rc -eq 0 ] && echo PASS || echo FAIL) vcpus=4 expect=$expect"
     return $rc
 }
 test_fs() { boot_one fs "" "vubd.test=fs"; }
