@@ -9,49 +9,16 @@ mod frontend;
 use common::*;
 use frontend::*;
 use std::os::unix::io::AsRawFd;
-use std::path::PathBuf;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(5);
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    server: Server,
-    target: PathBuf,
-    bystander: PathBuf,
-}
+type Setup = TargetAndBystander;
 
 fn setup() -> Setup {
-    let dir = test_dir();
-    let target = dir.path().join("target.sock");
-    let bystander = dir.path().join("bystander.sock");
-    let img = create_file(dir.path(), "target.img", 16 * MIB);
-    let config = dir.path().join("vubd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[device]]\nname = \"target\"\nsocket-path = \"{}\"\nblk-file = \"{}\"\nbuffered = true\nnum-queues = 2\n\n\
-             [[device]]\nname = \"bystander\"\nsocket-path = \"{}\"\nram = \"16M\"\n",
-            target.display(),
-            img.display(),
-            bystander.display()
-        ),
-    )
-    .unwrap();
-    let server = Server::start_config(
-        dir.path(),
-        "vubd",
-        &config,
-        &[target.clone(), bystander.clone()],
-    );
-    Setup {
-        _dir: dir,
-        server,
-        target,
-        bystander,
-    }
+    target_and_bystander()
 }
 
 /// The other device still does a byte-exact round trip, the server is alive, and the target

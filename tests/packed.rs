@@ -435,44 +435,10 @@ fn vring_base_round_trip_mid_wrap() {
     }
 }
 
-/// Two devices: "target" (file, 2 queues) where the hostile frontend plays, "bystander"
-/// (RAM) served to a libblkio client meanwhile.
-struct Hostile {
-    _dir: tempfile::TempDir,
-    server: Server,
-    target: PathBuf,
-    bystander: PathBuf,
-}
+type Hostile = TargetAndBystander;
 
 fn hostile() -> Hostile {
-    let dir = test_dir();
-    let target = dir.path().join("target.sock");
-    let bystander = dir.path().join("bystander.sock");
-    let img = create_file(dir.path(), "target.img", 16 * MIB);
-    let config = dir.path().join("vubd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[device]]\nname = \"target\"\nsocket-path = \"{}\"\nblk-file = \"{}\"\nbuffered = true\nnum-queues = 2\n\n\
-             [[device]]\nname = \"bystander\"\nsocket-path = \"{}\"\nram = \"16M\"\n",
-            target.display(),
-            img.display(),
-            bystander.display()
-        ),
-    )
-    .unwrap();
-    let server = Server::start_config(
-        dir.path(),
-        "vubd",
-        &config,
-        &[target.clone(), bystander.clone()],
-    );
-    Hostile {
-        _dir: dir,
-        server,
-        target,
-        bystander,
-    }
+    target_and_bystander()
 }
 
 /// The bystander does a byte-exact round trip, the server lives, and the target serves a

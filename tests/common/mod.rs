@@ -726,3 +726,43 @@ pub fn seccomp_of_threads(pid: u32) -> Vec<(String, String)> {
     }
     out
 }
+
+/// One vubd with two devices: "target" (a buffered file, 2 queues) where a test misbehaves,
+/// and "bystander" (RAM), which must keep serving a real client meanwhile.
+pub struct TargetAndBystander {
+    pub _dir: tempfile::TempDir,
+    pub server: Server,
+    pub target: PathBuf,
+    pub bystander: PathBuf,
+}
+
+pub fn target_and_bystander() -> TargetAndBystander {
+    let dir = test_dir();
+    let target = dir.path().join("target.sock");
+    let bystander = dir.path().join("bystander.sock");
+    let img = create_file(dir.path(), "target.img", 16 * MIB);
+    let config = dir.path().join("vubd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\nname = \"target\"\nsocket-path = \"{}\"\nblk-file = \"{}\"\nbuffered = true\nnum-queues = 2\n\n\
+             [[device]]\nname = \"bystander\"\nsocket-path = \"{}\"\nram = \"16M\"\n",
+            target.display(),
+            img.display(),
+            bystander.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start_config(
+        dir.path(),
+        "vubd",
+        &config,
+        &[target.clone(), bystander.clone()],
+    );
+    TargetAndBystander {
+        _dir: dir,
+        server,
+        target,
+        bystander,
+    }
+}
