@@ -129,21 +129,21 @@ T
     [ -b /dev/ublkb0 ] || ufail hup_removed_others
     # A queue whose reactor's io_uring has no room left for its fetches: the device is
     # refused with a clear error and torn down (STOP_DEV, DEL_DEV on a device that never
-    # started). The reactor's ring holds 512 operations, a queue 64, and 64 stay free: the
-    # 7 devices 0, 1, 2, 6, 10, 11, 12 fit, 13 does not.
-    for i in 10 11 12 13; do
-        printf '\n[[device]]\nname = "many%s"\nublk = true\nublk-id = %s\nnull = "64M"\n' $i $i >>/tmp/geo.toml
+    # started). The reactor's ring holds 2048 operations, a queue 64, and 64 stay free: the
+    # 31 devices 0, 1, 2, 6 and 10-36 fit, 37 does not.
+    for i in $(seq 10 37); do
+        printf '\n[[device]]\nname = "many%s"\nublk = true\nublk-id = %s\nnull = "64M"\n' "$i" "$i" >>/tmp/geo.toml
     done
     kill -HUP "$VPID"
-    wait_for 30 grep -q 'cannot add device many13' /tmp/geo.log || ufail full_ring_not_refused
-    wait_for 10 [ -b /dev/ublkb12 ] || ufail many12_missing
-    grep 'cannot add device many13' /tmp/geo.log | grep -q 'has room for' || ufail full_ring_message
+    wait_for 90 grep -q 'cannot add device many37' /tmp/geo.log || ufail full_ring_not_refused
+    wait_for 10 [ -b /dev/ublkb36 ] || ufail many36_missing
+    grep 'cannot add device many37' /tmp/geo.log | grep -q 'has room for' || ufail full_ring_message
     FULL=$(grep -o 'reactor_0 has room for [0-9]* more' /tmp/geo.log | head -n 1 | tr ' ' _)
-    wait_for 10 gone ublkc13 || ufail many13_left
-    [ -e /sys/class/ublk-char/ublkc13 ] && ufail many13_char_class_left
+    wait_for 10 gone ublkc37 || ufail many37_left
+    [ -e /sys/class/ublk-char/ublkc37 ] && ufail many37_char_class_left
     cp /tmp/geo.orig /tmp/geo.toml
     kill -HUP "$VPID"
-    wait_for 20 gone ublkb12 || ufail many_remove
+    wait_for 90 gone ublkb36 || ufail many_remove
     ublk_perf null 0
     ublk_perf ram 6
     vstop
