@@ -21,7 +21,7 @@ use crate::blk::{Device, DeviceModel, Export};
 use crate::engine::{Poller, PollerId, ReactorHandle};
 
 /// Tags per queue. Each holds a command on its reactor's io_uring (whose completion queue
-/// has 512 entries, shared with the backend's I/O and the reactor's other queues).
+/// has 2048 entries, shared with the backend's I/O and the reactor's other queues).
 pub const QUEUE_DEPTH: u16 = 64;
 /// Largest request, and the size of each tag's buffer.
 pub const MAX_IO_BYTES: u32 = 512 << 10;
