@@ -159,65 +159,9 @@ start_qemu() {
     QEMU_PID=$!
     PIDS+=("$QEMU_PID")
 }
-# wait_qemu: waits for QEMU_PID (its timeout(1) wrapper enforces BOOT_TIMEOUT); sets QEMU_RC
-# and BOOT_SECONDS (QEMU's wall time, start to power off). A guest that printed VUBD-DONE
-# but did not power off within 20 s is stopped, with QEMU_RC=125.
-wait_qemu() {
-    local done_at="" t0
-    t0=$(now)
-    QEMU_RC=0
-    while kill -0 "$QEMU_PID" 2>/dev/null; do
-        if [ -z "$done_at" ] && grep -aq '^VUBD-DONE' "$QEMU_LOG" 2>/dev/null; then
-            done_at=$(date +%s)
-        fi
-        if [ -n "$done_at" ] && [ $(($(date +%s) - done_at)) -ge 20 ]; then
-            log "guest printed VUBD-DONE but did not power off in 20 s: stopping QEMU"
-            kill_group "$QEMU_PID"
-            wait "$QEMU_PID" 2>/dev/null || true
-            forget_pid "$QEMU_PID"
-            QEMU_RC=125
-            return
-        fi
-        sleep 0.2
-    done
-    wait "$QEMU_PID" || QEMU_RC=$?
-    forget_pid "$QEMU_PID"
-    BOOT_SECONDS=$(since "$t0")
-}
 
 # --- results -------------------------------------------------------------------------------------
 declare -A STATUS=() SECONDS_OF=()
-# check_run NAME: judges one boot from its serial log and QEMU's status. Prints the guest's
-# VUBD-RESULT lines; returns 1 on failure.
-check_run() {
-    local name=$1 ok=0 lines
-    lines=$(grep -ao 'VUBD-RESULT .*' "$WORK/$name.serial.log" | tr -d '\r' || true)
-    if [ -n "$lines" ]; then
-        echo "$lines"
-        echo "$lines" | grep -qv ' status=PASS' && ok=1
-    else
-        echo "VUBD-RESULT test=$name status=FAIL reason=no_result_from_guest"
-        ok=1
-    fi
-    grep -aq '^VUBD-DONE' "$WORK/$name.serial.log" || {
-        echo "VUBD-RESULT test=$name-host status=FAIL reason=guest_did_not_finish qemu_rc=$QEMU_RC"
-        ok=1
-    }
-    if [ "$QEMU_RC" -ne 0 ]; then
-        local why=qemu_exit_$QEMU_RC
-        [ "$QEMU_RC" -eq 124 ] && why=boot_timeout_${BOOT_TIMEOUT}s
-        [ "$QEMU_RC" -eq 125 ] && why=guest_did_not_power_off
-        echo "VUBD-RESULT test=$name-host status=FAIL reason=$why"
-        ok=1
-    fi
-    if [ $ok -ne 0 ]; then
-        log "---- $name: serial console (tail) ----"
-        tail -80 "$WORK/$name.serial.log" | tr -d '\r' >&2
-        log "---- $name: qemu ----"
-        tail -20 "$WORK/$name.qemu.log" >&2
-    fi
-    return $ok
-}
 
 # boot_one NAME APPEND: one guest boot running vubd.test=NAME, checked. Sets
 # GUEST_UPTIME: the guest's uptime when its test had finished (from VUBD-RESULT-TIME).
