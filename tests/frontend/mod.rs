@@ -169,6 +169,38 @@ pub fn vring_state(index: u32, num: u32) -> Vec<u8> {
     p
 }
 
+/// The messages that set ring `q` up and start it, as QEMU sends them: NUM, BASE, ADDR (the
+/// SET_VRING_ADDR payload `addr`), KICK, CALL, ENABLE. False if one is refused.
+fn set_up_vring(
+    fe: &mut Frontend,
+    q: u32,
+    size: u16,
+    base: u32,
+    addr: &[u8],
+    kick: &impl AsRawFd,
+    call: &impl AsRawFd,
+) -> bool {
+    fe.ack(SET_VRING_NUM, &vring_state(q, u32::from(size)), &[])
+        .unwrap()
+        && fe.ack(SET_VRING_BASE, &vring_state(q, base), &[]).unwrap()
+        && fe.ack(SET_VRING_ADDR, addr, &[]).unwrap()
+        && fe
+            .ack(
+                SET_VRING_KICK,
+                &u64_payload(u64::from(q)),
+                &[kick.as_raw_fd()],
+            )
+            .unwrap()
+        && fe
+            .ack(
+                SET_VRING_CALL,
+                &u64_payload(u64::from(q)),
+                &[call.as_raw_fd()],
+            )
+            .unwrap()
+        && fe.ack(SET_VRING_ENABLE, &vring_state(q, 1), &[]).unwrap()
+}
+
 pub fn region(gpa: u64, size: u64, user: u64, offset: u64) -> Vec<u8> {
     [gpa, size, user, offset]
         .iter()
@@ -418,33 +450,15 @@ impl Ring {
             let a = if a == 0 { 0 } else { USER_BASE + a };
             addr.extend_from_slice(&a.to_le_bytes());
         }
-        fe.ack(
-            SET_VRING_NUM,
-            &vring_state(self.q, u32::from(self.size)),
-            &[],
+        set_up_vring(
+            fe,
+            self.q,
+            self.size,
+            u32::from(base),
+            &addr,
+            &self.kick,
+            &self.call,
         )
-        .unwrap()
-            && fe
-                .ack(SET_VRING_BASE, &vring_state(self.q, u32::from(base)), &[])
-                .unwrap()
-            && fe.ack(SET_VRING_ADDR, &addr, &[]).unwrap()
-            && fe
-                .ack(
-                    SET_VRING_KICK,
-                    &u64_payload(u64::from(self.q)),
-                    &[self.kick.as_raw_fd()],
-                )
-                .unwrap()
-            && fe
-                .ack(
-                    SET_VRING_CALL,
-                    &u64_payload(u64::from(self.q)),
-                    &[self.call.as_raw_fd()],
-                )
-                .unwrap()
-            && fe
-                .ack(SET_VRING_ENABLE, &vring_state(self.q, 1), &[])
-                .unwrap()
     }
 
     /// Writes descriptor `i`.
@@ -612,33 +626,7 @@ impl PackedRing {
             addr.extend_from_slice(&(USER_BASE + a).to_le_bytes());
         }
         addr.extend_from_slice(&0u64.to_le_bytes());
-        fe.ack(
-            SET_VRING_NUM,
-            &vring_state(self.q, u32::from(self.size)),
-            &[],
-        )
-        .unwrap()
-            && fe
-                .ack(SET_VRING_BASE, &vring_state(self.q, base), &[])
-                .unwrap()
-            && fe.ack(SET_VRING_ADDR, &addr, &[]).unwrap()
-            && fe
-                .ack(
-                    SET_VRING_KICK,
-                    &u64_payload(u64::from(self.q)),
-                    &[self.kick.as_raw_fd()],
-                )
-                .unwrap()
-            && fe
-                .ack(
-                    SET_VRING_CALL,
-                    &u64_payload(u64::from(self.q)),
-                    &[self.call.as_raw_fd()],
-                )
-                .unwrap()
-            && fe
-                .ack(SET_VRING_ENABLE, &vring_state(self.q, 1), &[])
-                .unwrap()
+        set_up_vring(fe, self.q, self.size, base, &addr, &self.kick, &self.call)
     }
 
     /// Writes descriptor `i` as is.
