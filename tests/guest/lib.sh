@@ -11,6 +11,9 @@ setup_missing() {
     exit 77
 }
 
+# When the run started, for the summary's total.
+t_start=$(now)
+
 # --- processes we start: killed on any exit ----------------------------------------------------
 PIDS=()
 WORK=""
@@ -122,4 +125,34 @@ check_run() {
         }
     fi
     return $ok
+}
+
+# run_tests TITLE TEST...: runs test_NAME for each in turn, prints one "VUBD-TEST name=...
+# status=... seconds=..." line per test (with the words test_fields prints, where the caller
+# defines it) and a summary; returns 1 if a test failed.
+run_tests() {
+    local title=$1 t t0 extra npass=0 nfail=0
+    shift
+    local -A status=() seconds=()
+    for t in "$@"; do
+        t0=$(now)
+        log "== $t"
+        if "test_$t"; then
+            status[$t]=PASS
+        else
+            status[$t]=FAIL
+            FAILED=1
+        fi
+        seconds[$t]=$(since "$t0")
+        extra=""
+        declare -F test_fields >/dev/null && extra=" $(test_fields)"
+        echo "VUBD-TEST name=$t status=${status[$t]} seconds=${seconds[$t]}$extra accel=$ACCEL"
+    done
+    echo "---- $title (accel $ACCEL) ----"
+    for t in "$@"; do
+        printf '%-10s %s %6s s\n' "$t" "${status[$t]}" "${seconds[$t]}"
+        if [ "${status[$t]}" = PASS ]; then npass=$((npass + 1)); else nfail=$((nfail + 1)); fi
+    done
+    echo "SUMMARY passed=$npass failed=$nfail total_seconds=$(since "$t_start")"
+    [ $nfail -eq 0 ]
 }

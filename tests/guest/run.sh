@@ -69,7 +69,6 @@ done
 # shellcheck source=tests/guest/lib.sh disable=SC1091
 . "$HERE/lib.sh"
 
-t_start=$(now)
 
 # --- host packages -------------------------------------------------------------------------
 if [ "${VUBD_GUEST_NO_INSTALL:-0}" != 1 ]; then
@@ -262,7 +261,6 @@ vhost_args() {
 }
 
 # --- results -------------------------------------------------------------------------------
-declare -A STATUS=() SECONDS_OF=()
 
 # boot_one NAME VUBD-ARGS APPEND: one vubd, one guest boot, checked
 boot_one() {
@@ -798,25 +796,4 @@ test_qemukill() {
 
 # --- run -----------------------------------------------------------------------------------
 log "vubd $VUBD, accel $ACCEL, tests: ${tests[*]}"
-for t in "${tests[@]}"; do
-    t0=$(now)
-    log "== $t"
-    if "test_$t"; then
-        STATUS[$t]=PASS
-    else
-        STATUS[$t]=FAIL
-        FAILED=1
-    fi
-    SECONDS_OF[$t]=$(since "$t0")
-    echo "VUBD-TEST name=$t status=${STATUS[$t]} seconds=${SECONDS_OF[$t]} accel=$ACCEL"
-done
-
-npass=0
-nfail=0
-echo "---- vubd guest tests (accel $ACCEL) ----"
-for t in "${tests[@]}"; do
-    printf '%-10s %s %6s s\n' "$t" "${STATUS[$t]}" "${SECONDS_OF[$t]}"
-    if [ "${STATUS[$t]}" = PASS ]; then npass=$((npass + 1)); else nfail=$((nfail + 1)); fi
-done
-echo "SUMMARY passed=$npass failed=$nfail total_seconds=$(since "$t_start")"
-[ $nfail -eq 0 ]
+run_tests "vubd guest tests" "${tests[@]}"

@@ -66,7 +66,6 @@ esac
 # shellcheck source=tests/guest/lib.sh disable=SC1091
 . "$HERE/../lib.sh"
 
-t_start=$(now)
 
 # --- host packages -----------------------------------------------------------------------------
 if [ "${VUBD_GUEST_NO_INSTALL:-0}" != 1 ]; then
@@ -161,7 +160,6 @@ start_qemu() {
 }
 
 # --- results -------------------------------------------------------------------------------------
-declare -A STATUS=() SECONDS_OF=()
 
 # boot_one NAME APPEND: one guest boot running vubd.test=NAME, checked. Sets
 # GUEST_UPTIME: the guest's uptime when its test had finished (from VUBD-RESULT-TIME).
@@ -202,30 +200,13 @@ test_ramdisk() { boot_one ramdisk "vubd.ram=64M vubd.secs=3"; }
 
 # --- run -----------------------------------------------------------------------------------------
 log "vubd $VUBD, accel $ACCEL, tests: ${tests[*]}"
+# A test without a host side of its own boots once with its default parameters (a
+# "# boot: ..." line in its script: kernel command line words).
 for t in "${tests[@]}"; do
-    t0=$(now)
-    log "== $t"
-    # A test without a host side of its own boots once with its default parameters
-    # (a "# boot: ..." line in its script: kernel command line words).
     if ! declare -F "test_$t" >/dev/null; then
         eval "test_$t() { boot_one $t \"\$(sed -n 's/^# boot: //p' \"\$HERE/tests/$t.sh\" | head -n 1)\"; }"
     fi
-    if "test_$t"; then
-        STATUS[$t]=PASS
-    else
-        STATUS[$t]=FAIL
-        FAILED=1
-    fi
-    SECONDS_OF[$t]=$(since "$t0")
-    echo "VUBD-TEST name=$t status=${STATUS[$t]} seconds=${SECONDS_OF[$t]} guest_uptime_at_result_s=${GUEST_UPTIME:-none} qemu_s=$BOOT_SECONDS accel=$ACCEL"
 done
-
-npass=0
-nfail=0
-echo "---- vubd VDUSE/ublk guest tests (accel $ACCEL) ----"
-for t in "${tests[@]}"; do
-    printf '%-10s %s %6s s\n' "$t" "${STATUS[$t]}" "${SECONDS_OF[$t]}"
-    if [ "${STATUS[$t]}" = PASS ]; then npass=$((npass + 1)); else nfail=$((nfail + 1)); fi
-done
-echo "SUMMARY passed=$npass failed=$nfail total_seconds=$(since "$t_start")"
-[ $nfail -eq 0 ]
+# What each VUBD-TEST line adds: the guest's uptime at its result, QEMU's wall time.
+test_fields() { echo "guest_uptime_at_result_s=${GUEST_UPTIME:-none} qemu_s=$BOOT_SECONDS"; }
+run_tests "vubd VDUSE/ublk guest tests" "${tests[@]}"
