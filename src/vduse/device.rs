@@ -17,7 +17,6 @@
 use std::any::Any;
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +71,7 @@ pub struct VduseDevice {
     port: Arc<dyn DevicePort>,
     owner: Owner,
     /// Where the in-flight record lives (None: no record, no recovery after a crash).
-    record_dir: Option<PathBuf>,
+    record_at: Option<record::Place>,
     status: u8,
     features: u64,
     iotlb: Iotlb,
@@ -101,7 +100,7 @@ impl VduseDevice {
         device: Arc<Device>,
         port: Arc<dyn DevicePort>,
         owner: Owner,
-        record_dir: Option<PathBuf>,
+        record_at: Option<record::Place>,
         in_use: Arc<AtomicBool>,
     ) -> VduseDevice {
         let vqs = (0..device.model.num_queues())
@@ -111,7 +110,7 @@ impl VduseDevice {
             device,
             port,
             owner,
-            record_dir,
+            record_at,
             status: 0,
             features: 0,
             iotlb: Iotlb::new(owner),
@@ -279,7 +278,7 @@ impl VduseDevice {
 
     fn open_record(&mut self) {
         self.record = None;
-        let Some(dir) = self.record_dir.clone() else {
+        let Some(place) = self.record_at.clone() else {
             return;
         };
         // One record for the device: its queues share one ring size (virtio_vdpa's).
@@ -291,9 +290,9 @@ impl VduseDevice {
         };
         let n = self.device.model.num_queues();
         let r = if self.resuming {
-            record::open(&dir, self.name(), n, size, self.owner)
+            place.open(n, size, self.owner)
         } else {
-            record::create(&dir, self.name(), n, size, self.owner).map(Some)
+            place.create(n, size, self.owner).map(Some)
         };
         match r {
             Ok(r) => self.record = r,
@@ -356,60 +355,51 @@ impl VduseDevice {
         let next_avail = if !self.resuming {
             // Fresh rings: where the driver says they start (0 for virtio_vdpa).
             info.state[0]
-        } else if let Some(t) = inflight.as_mut() {
-            // Every request the previous vubd took and did not complete is marked: continue
-            // after all of them, and run them first.
-            resubmit = t.recover(used);
-            // DEBUG
-            {
-                use vm_memory::Bytes;
-                let avail = queue
-                    .avail_idx(&**mem, Ordering::Acquire)
-                    .map(|w| w.0)
-                    .unwrap_or(0);
-                let n = u64::from(queue.size());
-                let mut found = Vec::new();
-                for i in 0..n {
-                    let id: u32 = mem
-                        .read_obj(GuestAddress(info.device_addr + 4 + 8 * i))
-                        .unwrap_or(0xffff_ffff);
-                    if resubmit.contains(&(id as u16)) {
-                        found.push((i, id));
-                    }
-                }
-                let mut av = Vec::new();
-                for p in used.wrapping_sub(8)..used.wrapping_add(resubmit.len() as u16 + 8) {
-                    let h: u16 = mem
-                        .read_obj(GuestAddress(info.driver_addr + 4 + 2 * (u64::from(p) % n)))
-                        .unwrap_or(0xffff);
-                    av.push((p, h));
-                }
-                log::info!("DEBUG q{q}: used {used} avail {avail} resubmit {resubmit:?} in used ring at {found:?} avail ring around: {av:?}");
-            }
-            if !resubmit.is_empty() {
-                log::info!(
-                    "device {}: queue {q}: running again {} request(s) in flight when the previous vubd stopped",
-                    self.name(),
-                    resubmit.len()
-                );
-            }
-            // Fits: at most the queue size (<= 32768) heads are in flight.
-            used.wrapping_add(resubmit.len() as u16)
         } else {
-            // No record: which requests it had taken is unknowable. Continue after what the
-            // driver has offered; requests it had taken and not completed never complete.
             let avail = queue
                 .avail_idx(&**mem, Ordering::Acquire)
                 .map_err(ring_err)?
                 .0;
-            if avail != used {
-                log::warn!(
-                    "device {}: queue {q}: no in-flight record from the previous vubd: up to {} request(s) may never complete",
-                    self.name(),
-                    avail.wrapping_sub(used)
-                );
+            let offered = avail.wrapping_sub(used);
+            if let Some(t) = inflight.as_mut() {
+                resubmit = t.recover(used);
             }
-            avail
+            if resubmit.len() > usize::from(offered) {
+                // More requests in flight than the driver has outstanding: the record is
+                // not these rings' (the file was written by someone else). Trusting it would
+                // skip requests the driver waits for.
+                log::error!(
+                    "device {}: queue {q}: the in-flight record marks {} request(s) but the driver has {offered} outstanding: record ignored",
+                    self.name(),
+                    resubmit.len()
+                );
+                resubmit.clear();
+                inflight = None;
+            }
+            if inflight.is_some() {
+                // Every request the previous vubd took and did not complete is marked:
+                // continue after all of them, and run them first.
+                if !resubmit.is_empty() {
+                    log::info!(
+                        "device {}: queue {q}: running again {} request(s) in flight when the previous vubd stopped",
+                        self.name(),
+                        resubmit.len()
+                    );
+                }
+                // Fits: at most `offered` heads.
+                used.wrapping_add(resubmit.len() as u16)
+            } else {
+                // No record: which requests it had taken is unknowable. Continue after what
+                // the driver has offered; requests it had taken and not completed never
+                // complete.
+                if offered != 0 {
+                    log::warn!(
+                        "device {}: queue {q}: no in-flight record from the previous vubd: up to {offered} request(s) may never complete",
+                        self.name(),
+                    );
+                }
+                avail
+            }
         };
         queue.set_next_avail(next_avail);
         let kick = match v.kick.as_ref() {
@@ -656,7 +646,7 @@ mod tests {
                 Arc::clone(&self.device),
                 Arc::clone(&self.kernel) as Arc<dyn DevicePort>,
                 (1 << 62) | 7,
-                Some(self.dir.path().join("state")),
+                Some(record::Place::new(&self.dir.path().join("state"), "vt")),
                 Arc::clone(&self.in_use),
             )
         }
@@ -818,7 +808,8 @@ mod tests {
             rig.wait_used(1);
             d.shut_down();
         }
-        let region = record::open(&rig.dir.path().join("state"), "vt", 1, SIZE, 1)
+        let region = record::Place::new(&rig.dir.path().join("state"), "vt")
+            .open(1, SIZE, 1)
             .unwrap()
             .unwrap();
         rig.mem
@@ -839,6 +830,43 @@ mod tests {
         let mut back = [0u8; 512];
         rig.mem.read_slice(&mut back, GuestAddress(0x9000)).unwrap();
         assert_eq!(back, [0x77; 512]);
+        d.shut_down();
+    }
+
+    #[test]
+    fn a_record_marking_more_than_the_driver_has_out_is_ignored() {
+        let rig = Rig::new();
+        rig.kernel.add_region(0, BOUNCE);
+        rig.kernel.add_region(RINGS, RINGS_LEN);
+        rig.kernel.features.store(bit(32), Ordering::Relaxed);
+        let vq = rig.ring();
+        {
+            let mut d = rig.vduse();
+            d.handle(&status(1 | 2 | 8 | 4));
+            rig.request(&vq, 0, VIRTIO_BLK_T_IN, 0, 0x8000);
+            rig.kernel.kick(0);
+            rig.wait_used(1);
+            d.shut_down();
+        }
+        // One request outstanding, but the record (written by another server) marks two.
+        rig.request(&vq, 3, VIRTIO_BLK_T_IN, 4, 0x8000);
+        let region = record::Place::new(&rig.dir.path().join("state"), "vt")
+            .open(1, SIZE, 1)
+            .unwrap()
+            .unwrap();
+        let mut t = region.queue(0, SIZE).unwrap();
+        t.begin(3);
+        t.begin(5);
+        drop(t);
+        drop(region);
+        let mut d = rig.vduse();
+        d.resume();
+        // Trusting the record would have put the ring past the avail index (a broken
+        // queue); ignoring it, the queue serves the driver's next request.
+        rig.request(&vq, 6, VIRTIO_BLK_T_IN, 4, 0x9000);
+        rig.kernel.kick(0);
+        rig.wait_used(2);
+        assert_eq!(rig.status_of(6), 0);
         d.shut_down();
     }
 

@@ -7,7 +7,7 @@
 //! and VDUSE_DESTROY_DEV removes /dev/vduse/NAME.
 
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -59,7 +59,7 @@ pub struct VduseExport {
     in_use: Arc<AtomicBool>,
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
-    record_dir: PathBuf,
+    record_at: record::Place,
 }
 
 /// Creates the VDUSE device `name` for `device`, or takes over the one a previous vubd left.
@@ -69,6 +69,7 @@ pub fn create(name: &str, device: Arc<Device>) -> io::Result<Box<dyn Export>> {
 
 fn create_in(name: &str, device: Arc<Device>, record_dir: &Path) -> io::Result<Box<dyn Export>> {
     let control = Control::open()?;
+    let record_at = record::Place::new(record_dir, name);
     let dev = Arc::clone(&device.name);
     let nq = device.model.num_queues();
     let feats = features(&device);
@@ -118,7 +119,7 @@ fn create_in(name: &str, device: Arc<Device>, record_dir: &Path) -> io::Result<B
                 port.vq_setup(u32::from(q), QUEUE_SIZE)
                     .map_err(|e| io::Error::new(e.kind(), format!("VDUSE_VQ_SETUP {q}: {e}")))?;
             }
-            record::remove(record_dir, name);
+            record_at.remove();
         }
         Ok::<_, io::Error>(port)
     })();
@@ -137,7 +138,7 @@ fn create_in(name: &str, device: Arc<Device>, record_dir: &Path) -> io::Result<B
         Arc::clone(&device),
         Arc::clone(&port) as Arc<dyn DevicePort>,
         next_owner(),
-        Some(record_dir.to_path_buf()),
+        Some(record_at.clone()),
         Arc::clone(&in_use),
     );
     let thread_port = Arc::clone(&port);
@@ -178,7 +179,7 @@ fn create_in(name: &str, device: Arc<Device>, record_dir: &Path) -> io::Result<B
         in_use,
         stop,
         thread: Some(thread),
-        record_dir: record_dir.to_path_buf(),
+        record_at,
     }))
 }
 
@@ -389,7 +390,7 @@ impl Export for VduseExport {
             match self.control.destroy_dev(&name) {
                 Ok(()) => {
                     log::info!("device {dev}: VDUSE device {name} destroyed");
-                    record::remove(&self.record_dir, &name);
+                    self.record_at.remove();
                     return;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {

@@ -21,8 +21,69 @@ use crate::virtio_blk::inflight::{queue_area_size, InflightRegion};
 /// Where records live: `/run/vubd/vduse-NAME.inflight`.
 pub const STATE_DIR: &str = "/run/vubd";
 
-pub fn path_for(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("vduse-{name}.inflight"))
+/// The record of one VDUSE device. Named after the VDUSE device, which the kernel keeps
+/// unique on the host, never after vubd's device name: two vubd processes may both call
+/// their device `dev0`, and one record written by two servers is no record.
+#[derive(Clone, Debug)]
+pub struct Place {
+    dir: PathBuf,
+    vduse_name: String,
+}
+
+impl Place {
+    pub fn new(dir: &Path, vduse_name: &str) -> Place {
+        Place {
+            dir: dir.to_path_buf(),
+            vduse_name: vduse_name.to_string(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(format!("vduse-{}.inflight", self.vduse_name))
+    }
+
+    /// Fresh rings (the driver set DRIVER_OK on a reset device): an all-zero record.
+    pub fn create(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+        owner: Owner,
+    ) -> io::Result<Arc<InflightRegion>> {
+        state_dir(&self.dir)?;
+        let f = open_file(&self.path(), true)?;
+        let len = region_len(num_queues, queue_size);
+        f.set_len(0)?;
+        f.set_len(len)?;
+        let region = InflightRegion::open(f, 0, len, num_queues, queue_size, owner)?;
+        Ok(Arc::new(region))
+    }
+
+    /// The record a previous vubd left for rings that are still running, if there is one
+    /// that fits them.
+    pub fn open(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+        owner: Owner,
+    ) -> io::Result<Option<Arc<InflightRegion>>> {
+        let f = match open_file(&self.path(), false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let len = region_len(num_queues, queue_size);
+        if f.metadata()?.len() != len {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(InflightRegion::open(
+            f, 0, len, num_queues, queue_size, owner,
+        )?)))
+    }
+
+    /// The device is gone: so is its record.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(self.path());
+    }
 }
 
 fn euid() -> u32 {
@@ -70,53 +131,6 @@ fn region_len(num_queues: u16, queue_size: u16) -> u64 {
     queue_area_size(queue_size) as u64 * u64::from(num_queues)
 }
 
-/// Fresh rings (the driver set DRIVER_OK on a reset device): an all-zero record.
-pub fn create(
-    dir: &Path,
-    name: &str,
-    num_queues: u16,
-    queue_size: u16,
-    owner: Owner,
-) -> io::Result<Arc<InflightRegion>> {
-    state_dir(dir)?;
-    let path = path_for(dir, name);
-    let f = open_file(&path, true)?;
-    let len = region_len(num_queues, queue_size);
-    f.set_len(0)?;
-    f.set_len(len)?;
-    let region = InflightRegion::open(f, 0, len, num_queues, queue_size, owner)?;
-    Ok(Arc::new(region))
-}
-
-/// The record a previous vubd left for rings that are still running, if there is one
-/// that fits them.
-pub fn open(
-    dir: &Path,
-    name: &str,
-    num_queues: u16,
-    queue_size: u16,
-    owner: Owner,
-) -> io::Result<Option<Arc<InflightRegion>>> {
-    let path = path_for(dir, name);
-    let f = match open_file(&path, false) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let len = region_len(num_queues, queue_size);
-    if f.metadata()?.len() != len {
-        return Ok(None);
-    }
-    Ok(Some(Arc::new(InflightRegion::open(
-        f, 0, len, num_queues, queue_size, owner,
-    )?)))
-}
-
-/// The device is gone: so is its record.
-pub fn remove(dir: &Path, name: &str) {
-    let _ = std::fs::remove_file(path_for(dir, name));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,7 +139,8 @@ mod tests {
     fn a_record_survives_its_writer() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        let r = create(&state, "d0", 2, 8, 1).unwrap();
+        let d0 = Place::new(&state, "d0");
+        let r = d0.create(2, 8, 1).unwrap();
         let mut q = r.queue(1, 8).unwrap();
         q.begin(3);
         q.begin(5);
@@ -134,16 +149,16 @@ mod tests {
         drop(q);
         drop(r);
         // Another size: not this record.
-        assert!(open(&state, "d0", 2, 16, 1).unwrap().is_none());
-        assert!(open(&state, "other", 2, 8, 1).unwrap().is_none());
-        let again = open(&state, "d0", 2, 8, 1).unwrap().unwrap();
+        assert!(d0.open(2, 16, 1).unwrap().is_none());
+        assert!(Place::new(&state, "other").open(2, 8, 1).unwrap().is_none());
+        let again = d0.open(2, 8, 1).unwrap().unwrap();
         assert_eq!(again.queue(1, 8).unwrap().recover(1), vec![5]);
         assert!(again.queue(0, 8).unwrap().recover(0).is_empty());
         // Fresh rings start from a clean record.
-        let fresh = create(&state, "d0", 2, 8, 1).unwrap();
+        let fresh = d0.create(2, 8, 1).unwrap();
         assert!(fresh.queue(1, 8).unwrap().recover(0).is_empty());
-        remove(&state, "d0");
-        assert!(open(&state, "d0", 2, 8, 1).unwrap().is_none());
+        d0.remove();
+        assert!(d0.open(2, 8, 1).unwrap().is_none());
     }
 
     #[test]
@@ -151,8 +166,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("target");
         std::fs::write(&target, b"x").unwrap();
-        std::os::unix::fs::symlink(&target, path_for(dir.path(), "d1")).unwrap();
-        assert!(create(dir.path(), "d1", 1, 8, 1).is_err());
+        let d1 = Place::new(dir.path(), "d1");
+        std::os::unix::fs::symlink(&target, d1.path()).unwrap();
+        assert!(d1.create(1, 8, 1).is_err());
         assert_eq!(std::fs::read(&target).unwrap(), b"x");
     }
 }

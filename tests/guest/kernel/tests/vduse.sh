@@ -173,6 +173,8 @@ vduse_fio() {
         tail -n 20 /tmp/fio-verify.log
     }
     grep -q 'err= 0' /tmp/fio-verify.log || vfail fio_errors
+    # The in-flight record a restarted vubd reads: named after the VDUSE device.
+    [ -f /run/vubd/vduse-vd0.inflight ] || vfail "no_record($(ls /run/vubd 2>&1 | tr ' \n' __))"
     # Both queues took writes: per-queue write bytes come first in iostat (keys sorted:
     # "queues" before "total").
     vd_rpc '{"jsonrpc":"2.0","id":1,"method":"iostat","params":{"name":"dev0"}}' >/tmp/iostat.json
@@ -297,6 +299,10 @@ vduse_inflight() {
         vfail inflight_front_attach
         return
     }
+    # Both vubd processes call their device dev0: each VDUSE device has its own record.
+    for r in va vb; do
+        [ -f /run/vubd/vduse-$r.inflight ] || vfail "inflight_no_record_$r($(ls /run/vubd 2>&1 | tr ' \n' __))"
+    done
     timeout 300 "$U/fio" --name=inflight --filename="/dev/$A" --direct=1 --ioengine=libaio \
         --rw=randwrite --bs=4k --iodepth=32 --size=40M --loops=4 \
         --verify=crc32c --do_verify=1 --verify_fatal=1 >/tmp/fio-inflight.log 2>&1 &
@@ -321,6 +327,8 @@ vduse_inflight() {
     }
     vcheck inflight_same_node "$(vd_node va)" "$A"
     RESUB2=$(grep -o 'running again [0-9]* request' $ALOG | awk '{s += $3} END {print s + 0}')
+    # The backend disk is slow (another VDUSE device): the killed vubd had requests out.
+    [ "$RESUB2" -gt 0 ] || vfail inflight_nothing_resubmitted
     vd_stop
     vcheck inflight_front_exit "$VRC" 0
     VPID=$bpid
