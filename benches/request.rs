@@ -10,8 +10,8 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vubd::testing::GuestMemoryMmap;
 use vubd::testing::{
-    iovec, mock, open_backend, packed_mock, Backend, GuestRange, Harness, MockPackedQueue,
-    PackedQueueStart, Parser, QueueStart, Request, VIRTIO_BLK_T_IN,
+    iovec, mock, open_backend, packed_mock, Backend, GuestRange, Harness, MockPackedQueue, Parser,
+    QueueStart, Request, VIRTIO_BLK_T_IN,
 };
 use vubd::BackendSpec;
 
@@ -183,7 +183,7 @@ fn packed(c: &mut Criterion) {
     for batch in [1u16, 8, 32] {
         let mut drv = MockPackedQueue::new(&mem, GuestAddress(PACKED_RING), QUEUE_SIZE);
         let bufs: Vec<_> = (0..batch).map(|i| read_bufs(&mem, i)).collect();
-        let start: PackedQueueStart = packed_mock::queue_start(&drv, &mem, null_disk(), "", true);
+        let start: QueueStart = packed_mock::queue_start(&drv, &mem, null_disk(), "", true);
         let mut h = Harness::new(|ctx| packed_mock::virt_queue(start, ctx));
         group.throughput(Throughput::Elements(u64::from(batch)));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {

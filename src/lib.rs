@@ -185,7 +185,7 @@ pub mod testing {
     pub use crate::virtio_blk::notify::{EventFdNotifier, SignalRing};
     pub use crate::virtio_blk::packed::mock::{self as packed_mock, MockPackedQueue};
     pub use crate::virtio_blk::packed::{PackedInflight, PackedRing, PackedRingConfig, VringBase};
-    pub use crate::virtio_blk::queue::{PackedQueueStart, QueueStart, VirtQueue};
+    pub use crate::virtio_blk::queue::{QueueStart, Ring, VirtQueue};
     pub use crate::virtio_blk::request::{
         ParseError, Parser, Request, RequestType, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };

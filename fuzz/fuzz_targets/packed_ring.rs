@@ -18,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vubd::testing::GuestMemoryMmap;
 use vubd::testing::{
     open_backend, Backend, Caps, Ctx, DeviceModel, EventFdNotifier, InflightLayout, InflightRegion,
-    PackedInflight, PackedQueueStart, PackedRing, PackedRingConfig, Poller, SignalRing, Uring,
+    PackedInflight, PackedRing, PackedRingConfig, Poller, QueueStart, Ring, SignalRing, Uring,
     VirtQueue, VringBase,
 };
 use vubd::BackendSpec;
@@ -188,20 +188,22 @@ fn run(input: &Input, backend: &Arc<dyn Backend>, f: &mut Fixtures) {
         inflight = Some(t);
     }
     let ring = &mut f.ring;
-    let start = PackedQueueStart {
+    let start = QueueStart {
         device: Arc::from("fuzz"),
         index: 0,
-        ring: PackedRing::new(cfg, base),
+        ring: Ring::Packed {
+            ring: PackedRing::new(cfg, base),
+            inflight,
+        },
         mem,
         model: Arc::clone(&f.model),
         backend: Arc::clone(backend),
         kick: None,
-        inflight,
         resubmit,
         latency: true,
     };
     let notifier = EventFdNotifier::new(Some(SignalRing::new(&call_eventfd()).expect("call")));
-    let mut p = VirtQueue::new_packed(start, notifier, &mut Ctx::new(ring, 0, 0)).expect("channel");
+    let mut p = VirtQueue::new(start, notifier, &mut Ctx::new(ring, 0, 0)).expect("channel");
     for round in 0..1 + input.passes % 4 {
         p.poll(&mut Ctx::new(ring, 0, 0));
         p.end_pass(&mut Ctx::new(ring, 0, 0));

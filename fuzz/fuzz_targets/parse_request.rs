@@ -21,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 use vubd::testing::GuestMemoryMmap;
 use vubd::testing::{
     open_backend, Backend, BlockRequest, Caps, Chain, Ctx, DeviceModel, EventFdNotifier,
-    InflightRegion, ParseError, Parser, Poller, QueueStart, Request, RequestType, SignalRing,
+    InflightRegion, ParseError, Parser, Poller, QueueStart, Request, RequestType, Ring, SignalRing,
     Uring, VirtQueue,
 };
 use vubd::BackendSpec;
@@ -487,12 +487,11 @@ fn poll_pass(input: &Input, mem: Arc<GuestMemoryMmap>, q: Queue, disk: &Disk, f:
     let start = QueueStart {
         device: Arc::from("fuzz"),
         index: 0,
-        queue: q,
+        ring: Ring::Split { queue: q, inflight },
         mem,
         model: Arc::clone(&disk.model),
         backend: Arc::clone(&disk.backend),
         kick: None,
-        inflight,
         resubmit: input.resubmit.iter().take(300).copied().collect(),
         latency: true,
     };

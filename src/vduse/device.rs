@@ -37,7 +37,7 @@ use crate::guestmem::fault::Owner;
 use crate::guestmem::GuestMemoryMmap;
 use crate::virtio_blk::features::{bit, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio_blk::inflight::InflightRegion;
-use crate::virtio_blk::queue::{QueueStart, VirtQueue};
+use crate::virtio_blk::queue::{QueueStart, Ring, VirtQueue};
 use crate::virtio_blk::running;
 
 /// The largest ring vubd offers per queue (VQ_SETUP): virtio_vdpa allocates rings of this
@@ -409,12 +409,11 @@ impl VduseDevice {
         let start = QueueStart {
             device: Arc::clone(&self.device.name),
             index: q,
-            queue,
+            ring: Ring::Split { queue, inflight },
             mem: Arc::clone(mem),
             model: Arc::clone(&self.device.model),
             backend: Arc::clone(&self.device.backend),
             kick,
-            inflight,
             resubmit,
             latency: self.device.latency_histograms,
         };

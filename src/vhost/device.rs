@@ -37,7 +37,7 @@ use crate::virtio_blk::features::{
 use crate::virtio_blk::inflight::{InflightRegion, Layout};
 use crate::virtio_blk::notify::{CallFdError, EventFdNotifier, SignalRing};
 use crate::virtio_blk::packed::{PackedInflight, PackedRing, PackedRingConfig, VringBase};
-use crate::virtio_blk::queue::{PackedQueueStart, QueueStart, VirtQueue};
+use crate::virtio_blk::queue::{QueueStart, Ring, VirtQueue};
 use crate::virtio_blk::running;
 
 /// Largest virtqueue accepted (QEMU's limit for vhost-user-blk).
@@ -209,9 +209,7 @@ impl VhostDevice {
         let mem = mem.ok_or_else(|| invalid("ring kicked before any memory was shared"))?;
         if self.packed() {
             let start = self.packed_start(q, mem)?;
-            return self.launch(q, move |notifier, ctx| {
-                UserQueue::new_packed(start, notifier, ctx)
-            });
+            return self.launch(q, move |notifier, ctx| UserQueue::new(start, notifier, ctx));
         }
         let mut queue = self.build_queue(q, &mem)?;
         let mut inflight = self
@@ -244,12 +242,11 @@ impl VhostDevice {
         let start = QueueStart {
             device: Arc::clone(&self.device.name),
             index: q,
-            queue,
+            ring: Ring::Split { queue, inflight },
             mem,
             model: Arc::clone(&self.device.model),
             backend: Arc::clone(&self.device.backend),
             kick: self.kick_dup(q)?,
-            inflight,
             resubmit,
             latency: self.device.latency_histograms,
         };
@@ -306,7 +303,7 @@ impl VhostDevice {
     /// structure), its used address the device area (ours). The ring starts at the vring base,
     /// or where the inflight record says it stands after a restart, with the chains a killed
     /// vubd had taken resubmitted first.
-    fn packed_start(&mut self, q: u16, mem: Arc<GuestMemoryMmap>) -> Result<PackedQueueStart> {
+    fn packed_start(&mut self, q: u16, mem: Arc<GuestMemoryMmap>) -> Result<QueueStart> {
         let v = &self.vrings[usize::from(q)];
         let size = v.size;
         let desc = self.memory.vva_to_gpa(v.desc, 16 * u64::from(size));
@@ -371,15 +368,17 @@ impl VhostDevice {
                 );
             }
         }
-        Ok(PackedQueueStart {
+        Ok(QueueStart {
             device: Arc::clone(&self.device.name),
             index: q,
-            ring: PackedRing::new(cfg, base),
+            ring: Ring::Packed {
+                ring: PackedRing::new(cfg, base),
+                inflight,
+            },
             mem,
             model: Arc::clone(&self.device.model),
             backend: Arc::clone(&self.device.backend),
             kick: self.kick_dup(q)?,
-            inflight,
             resubmit,
             latency: self.device.latency_histograms,
         })

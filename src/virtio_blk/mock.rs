@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::notify::EventFdNotifier;
-use super::queue::{QueueStart, VirtQueue};
+use super::queue::{QueueStart, Ring, VirtQueue};
 use crate::blk::model::Caps;
 use crate::blk::{Backend, DeviceModel};
 use crate::engine::Ctx;
@@ -61,12 +61,14 @@ pub fn queue_start(
     QueueStart {
         device: Arc::from("test"),
         index: 0,
-        queue: queue(vq, size),
+        ring: Ring::Split {
+            queue: queue(vq, size),
+            inflight: None,
+        },
         mem: Arc::clone(mem),
         model: model(&*backend, serial),
         backend,
         kick: None,
-        inflight: None,
         resubmit: Vec::new(),
         latency: true,
     }

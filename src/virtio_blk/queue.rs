@@ -38,41 +38,24 @@ pub struct QueueStart {
     /// The device's name, for logs.
     pub device: Arc<str>,
     pub index: u16,
-    pub queue: Queue,
+    /// The split or packed ring (VIRTIO_F_RING_PACKED), with its inflight tracking when the
+    /// frontend shared a region (INFLIGHT_SHMFD). A packed ring is configured (its addresses
+    /// checked against `mem`) and positioned at the vring base or where the inflight record
+    /// says the ring stands.
+    pub ring: Ring,
     pub mem: Arc<GuestMemoryMmap>,
     pub model: Arc<DeviceModel>,
     pub backend: Arc<dyn Backend>,
     pub kick: Option<File>,
-    /// Inflight tracking, when the frontend shared a region (INFLIGHT_SHMFD).
-    pub inflight: Option<InflightQueue>,
-    /// Heads a previous backend took and never completed, oldest first.
+    /// Heads (packed: head entries of the inflight record) a previous backend took and never
+    /// completed, oldest first.
     pub resubmit: Vec<u16>,
     /// Time each request for the latency histograms.
     pub latency: bool,
 }
 
-/// Everything a reactor needs to start polling a packed queue (VIRTIO_F_RING_PACKED): the
-/// same as `QueueStart`, with the packed ring and its inflight tracker.
-pub struct PackedQueueStart {
-    pub device: Arc<str>,
-    pub index: u16,
-    /// Configured (its addresses checked against `mem`) and positioned at the vring base or
-    /// where the inflight record says the ring stands.
-    pub ring: PackedRing,
-    pub mem: Arc<GuestMemoryMmap>,
-    pub model: Arc<DeviceModel>,
-    pub backend: Arc<dyn Backend>,
-    pub kick: Option<File>,
-    /// Inflight tracking with the packed layout, when the frontend shared a region.
-    pub inflight: Option<PackedInflight>,
-    /// Head entries of the inflight record a previous backend took and never completed,
-    /// oldest first.
-    pub resubmit: Vec<u16>,
-    pub latency: bool,
-}
-
 /// The ring a queue runs, with its inflight tracker.
-enum Ring {
+pub enum Ring {
     Split {
         queue: Queue,
         inflight: Option<InflightQueue>,
@@ -156,18 +139,6 @@ pub struct VirtQueue<N: Notifier> {
     kick_buf: Box<u64>,
 }
 
-/// What `QueueStart` and `PackedQueueStart` have in common.
-struct Parts {
-    device: Arc<str>,
-    index: u16,
-    mem: Arc<GuestMemoryMmap>,
-    model: Arc<DeviceModel>,
-    backend: Arc<dyn Backend>,
-    kick: Option<File>,
-    resubmit: Vec<u16>,
-    latency: bool,
-}
-
 /// The read of the kick eventfd that wakes a parked queue, and the cancel of that read when
 /// the queue stops. Tags below 2^16 are head indices; `TAG_SIGNAL` is the notifier's.
 const TAG_KICK: u64 = BACKGROUND | 0x2_0000;
@@ -198,69 +169,18 @@ fn mark_read(mem: &GuestMemoryMmap, req: &BlockRequest) {
 impl<N: Notifier> VirtQueue<N> {
     /// Builds the queue on its reactor: the backend channel is opened there.
     pub fn new(start: QueueStart, notifier: N, ctx: &mut Ctx<'_>) -> std::io::Result<Self> {
-        let size = start.queue.size();
-        let ring = Ring::Split {
-            queue: start.queue,
-            inflight: start.inflight,
+        let size16 = match &start.ring {
+            Ring::Split { queue, .. } => queue.size(),
+            Ring::Packed { ring, .. } => ring.size(),
         };
-        let parts = Parts {
-            device: start.device,
-            index: start.index,
-            mem: start.mem,
-            model: start.model,
-            backend: start.backend,
-            kick: start.kick,
-            resubmit: start.resubmit,
-            latency: start.latency,
-        };
-        Self::build(parts, ring, size, notifier, ctx)
-    }
-
-    /// Builds a packed queue on its reactor. The driver is asked not to kick while the queue
-    /// is polled (device event suppression), as a split ring's EVENT_IDX does implicitly.
-    pub fn new_packed(
-        start: PackedQueueStart,
-        notifier: N,
-        ctx: &mut Ctx<'_>,
-    ) -> std::io::Result<Self> {
-        let size = start.ring.size();
-        let ring = Ring::Packed {
-            ring: start.ring,
-            inflight: start.inflight,
-        };
-        let parts = Parts {
-            device: start.device,
-            index: start.index,
-            mem: start.mem,
-            model: start.model,
-            backend: start.backend,
-            kick: start.kick,
-            resubmit: start.resubmit,
-            latency: start.latency,
-        };
-        let mut q = Self::build(parts, ring, size, notifier, ctx)?;
-        if let Ring::Packed { ring, .. } = &mut q.ring {
-            ring.disable_notification(&q.mem);
-        }
-        Ok(q)
-    }
-
-    fn build(
-        start: Parts,
-        ring: Ring,
-        size: u16,
-        notifier: N,
-        ctx: &mut Ctx<'_>,
-    ) -> std::io::Result<Self> {
         let channel = start.backend.open_channel(ctx)?;
         let inline = channel.completes_inline();
         let log = log_of(&start.mem);
-        let size16 = size;
-        let size = usize::from(size);
+        let size = usize::from(size16);
         let mut q = VirtQueue {
             device: start.device,
             index: start.index,
-            ring,
+            ring: start.ring,
             size: size16,
             mem: start.mem,
             model: start.model,
@@ -291,6 +211,10 @@ impl<N: Notifier> VirtQueue<N> {
         // driver waiting for completions already in the used ring: a queue that starts
         // signals once so the driver looks. A spurious notification is harmless.
         q.notifier.notify();
+        if let Ring::Packed { ring, .. } = &mut q.ring {
+            // Polled from now on: the driver need not kick (until the queue parks or sleeps).
+            ring.disable_notification(&q.mem);
+        }
         Ok(q)
     }
 

@@ -17,7 +17,7 @@ use crate::blk::Backend;
 use crate::engine::Ctx;
 use crate::guestmem::GuestMemoryMmap;
 use crate::virtio_blk::notify::EventFdNotifier;
-use crate::virtio_blk::queue::{PackedQueueStart, VirtQueue};
+use crate::virtio_blk::queue::{QueueStart, Ring, VirtQueue};
 
 pub struct MockPackedQueue<'a> {
     mem: &'a GuestMemoryMmap,
@@ -176,22 +176,24 @@ pub fn queue_start(
     backend: Arc<dyn Backend>,
     serial: &str,
     event_idx: bool,
-) -> PackedQueueStart {
-    PackedQueueStart {
+) -> QueueStart {
+    QueueStart {
         device: Arc::from("test"),
         index: 0,
-        ring: PackedRing::new(drv.config(event_idx), VringBase::START),
+        ring: Ring::Packed {
+            ring: PackedRing::new(drv.config(event_idx), VringBase::START),
+            inflight: None,
+        },
         mem: Arc::clone(mem),
         model: crate::virtio_blk::mock::model(&*backend, serial),
         backend,
         kick: None,
-        inflight: None,
         resubmit: Vec::new(),
         latency: true,
     }
 }
 
 /// The queue poller for `start`, built on the calling thread's test ring.
-pub fn virt_queue(start: PackedQueueStart, ctx: &mut Ctx<'_>) -> VirtQueue<EventFdNotifier> {
-    VirtQueue::new_packed(start, EventFdNotifier::new(None), ctx).expect("backend channel")
+pub fn virt_queue(start: QueueStart, ctx: &mut Ctx<'_>) -> VirtQueue<EventFdNotifier> {
+    VirtQueue::new(start, EventFdNotifier::new(None), ctx).expect("backend channel")
 }
