@@ -23,33 +23,16 @@ ufail() {
     say "ublk: FAIL $1"
 }
 # check NAME GOT WANT
-check() {
-    [ "$2" = "$3" ] || ufail "$1=$(echo "$2" | tr ' ' _)(want_$(echo "$3" | tr ' ' _))"
-}
-# vstart LOG ARGS...: vubd in the background; VPID
+check() { expect ufail "$@"; }
+# vstart LOG ARGS...: vubd in the background, LOG started afresh; VPID
 vstart() {
-    l=$1
-    shift
-    RUST_LOG=${P_rust_log:-info} $VUBD "$@" >"$l" 2>&1 &
-    VPID=$!
+    : >"$1"
+    vubd_start "$@"
 }
-# vstop: SIGTERM, vubd must exit 0 within 20 s; VRC
-vstop() {
-    kill -TERM "$VPID" 2>/dev/null
-    if wait_for 20 eval "! kill -0 $VPID 2>/dev/null"; then
-        wait "$VPID"
-        VRC=$?
-    else
-        kill -KILL "$VPID" 2>/dev/null
-        wait "$VPID"
-        VRC=killed
-    fi
-}
+# vstop: SIGTERM, vubd must exit within 20 s; VRC
+vstop() { vubd_stop 20; }
 # rpc JSON: one request on the management socket, the answer on stdout
-rpc() {
-    echo "$1" | timeout 60 "$U/socat" -t 60 - UNIX-CONNECT:/tmp/rpc.sock
-}
-q() { cat "/sys/block/$1/queue/$2" 2>/dev/null; }
+rpc() { rpc_at /tmp/rpc.sock "$1"; }
 gone() { [ ! -e "/dev/$1" ] && [ ! -e "/sys/block/$1" ]; }
 # nqueues DISK: its blk-mq hardware queues (/sys/block/DISK/mq/0, 1, ...)
 nqueues() { find "/sys/block/$1/mq/" -mindepth 1 -maxdepth 1 | wc -l; }

@@ -23,36 +23,13 @@ vfail() {
     say "vduse: FAIL $1"
 }
 # vcheck NAME GOT WANT
-vcheck() {
-    [ "$2" = "$3" ] || vfail "$1=$(echo "$2" | tr ' ' _)(want_$(echo "$3" | tr ' ' _))"
-}
+vcheck() { expect vfail "$@"; }
 # vd_start LOG ARGS...: vubd in the background (appending to LOG); VPID
-vd_start() {
-    l=$1
-    shift
-    RUST_LOG=${P_rust_log:-info} $VUBD "$@" >>"$l" 2>&1 &
-    VPID=$!
-}
+vd_start() { vubd_start "$@"; }
 # vd_stop: SIGTERM, vubd must exit within 30 s; VRC
-vd_stop() {
-    kill -TERM "$VPID" 2>/dev/null
-    if wait_for 30 eval "! kill -0 $VPID 2>/dev/null"; then
-        wait "$VPID"
-        VRC=$?
-    else
-        kill -KILL "$VPID" 2>/dev/null
-        wait "$VPID"
-        VRC=killed
-    fi
-}
+vd_stop() { vubd_stop 30; }
 # vd_rpc JSON: one request on the management socket, the answer on stdout
-vd_rpc() {
-    if [ -x "$U/socat" ]; then
-        echo "$1" | timeout 60 "$U/socat" -t 60 - UNIX-CONNECT:/tmp/vrpc.sock
-    else
-        echo "$1" | timeout 60 nc -U /tmp/vrpc.sock
-    fi
-}
+vd_rpc() { rpc_at /tmp/vrpc.sock "$1"; }
 # vd_node NAME: the block device (vdX) the vdpa device NAME got, if any
 vd_node() {
     for b in /sys/bus/vdpa/devices/"$1"/virtio*/block/*; do
@@ -60,7 +37,6 @@ vd_node() {
     done
     return 1
 }
-vq() { cat "/sys/block/$1/queue/$2" 2>/dev/null; }
 # vd_attach NAME: vdpa dev add, then wait for the disk; prints vdX. The kernel probes the
 # disk inside `vdpa dev add` (partition scan included): a device that does not answer
 # leaves the command stuck in the kernel, so it runs in the background with a deadline.
@@ -117,20 +93,20 @@ vduse_geometry() {
     }
     say "vduse: vd0 is /dev/$N"
     vcheck size "$(cat /sys/block/$N/size)" $((256 * 2048))
-    vcheck lbs "$(vq $N logical_block_size)" 512
-    vcheck pbs "$(vq $N physical_block_size)" 512
-    vcheck min_io "$(vq $N minimum_io_size)" 512
+    vcheck lbs "$(q $N logical_block_size)" 512
+    vcheck pbs "$(q $N physical_block_size)" 512
+    vcheck min_io "$(q $N minimum_io_size)" 512
     vcheck queues "$(ls /sys/block/$N/mq | wc -l)" 2
-    vcheck discard_max "$(vq $N discard_max_bytes)" 1073741824
-    vcheck discard_gran "$(vq $N discard_granularity)" 512
-    vcheck discard_segs "$(vq $N max_discard_segments)" 1
-    vcheck write_zeroes_max "$(vq $N write_zeroes_max_bytes)" 1073741824
-    vcheck max_segments "$(vq $N max_segments)" 254
-    vcheck max_segment_size "$(vq $N max_segment_size)" 1048576
-    vcheck write_cache "$(vq $N write_cache)" "write back"
+    vcheck discard_max "$(q $N discard_max_bytes)" 1073741824
+    vcheck discard_gran "$(q $N discard_granularity)" 512
+    vcheck discard_segs "$(q $N max_discard_segments)" 1
+    vcheck write_zeroes_max "$(q $N write_zeroes_max_bytes)" 1073741824
+    vcheck max_segments "$(q $N max_segments)" 254
+    vcheck max_segment_size "$(q $N max_segment_size)" 1048576
+    vcheck write_cache "$(q $N write_cache)" "write back"
     vcheck ro "$(cat /sys/block/$N/ro)" 0
     vcheck serial "$(cat /sys/block/$N/serial 2>/dev/null)" vduse-s0
-    GEO="lbs=$(vq $N logical_block_size) queues=$(ls /sys/block/$N/mq | wc -l) discard_max=$(vq $N discard_max_bytes)"
+    GEO="lbs=$(q $N logical_block_size) queues=$(ls /sys/block/$N/mq | wc -l) discard_max=$(q $N discard_max_bytes)"
 }
 
 vduse_ext4() {
@@ -196,7 +172,7 @@ vduse_rpc() {
         vfail rpc_attach
         return
     }
-    vcheck rpc_lbs "$(vq $M logical_block_size)" 4096
+    vcheck rpc_lbs "$(q $M logical_block_size)" 4096
     vcheck rpc_size "$(cat /sys/block/$M/size)" $((64 * 2048))
     vcheck rpc_queues "$(ls /sys/block/$M/mq | wc -l)" 1
     dd if=/dev/urandom of=/tmp/r1 bs=1M count=2 2>/dev/null
