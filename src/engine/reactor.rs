@@ -60,6 +60,11 @@ pub struct Reactor {
     /// Slot index = io_uring user data high bits; a slot is reused only after its poller has
     /// drained, so no stale CQE can reach a new poller.
     slots: Vec<Option<Slot>>,
+    /// The slots passes visit: occupied and not parked. With hundreds of idle devices
+    /// parked on a reactor, a pass costs what its hot queues cost, not a walk over all.
+    active: Vec<usize>,
+    /// Occupied slots.
+    occupied: usize,
     stats: ReactorStats,
     shutting_down: bool,
 }
@@ -94,6 +99,8 @@ impl Reactor {
             spawned: Vec::new(),
             epoll,
             slots: Vec::new(),
+            active: Vec::new(),
+            occupied: 0,
             stats: ReactorStats::default(),
             shutting_down: false,
         };
@@ -122,7 +129,7 @@ impl Reactor {
 
     /// How many pollers run here (stopping ones included).
     pub fn poller_count(&self) -> usize {
-        self.slots.iter().flatten().count()
+        self.occupied
     }
 
     /// How many of them are parked (not polled until a completion wakes them).
@@ -184,6 +191,8 @@ impl Reactor {
             parked: false,
             busy_at: ticks(),
         });
+        self.occupied += 1;
+        self.active.push(slot);
     }
 
     /// Adds the pollers that pollers spawned.
@@ -220,6 +229,11 @@ impl Reactor {
             return;
         }
         s.on_stopped = Some(on_stopped);
+        if s.parked {
+            // Passes (and `retire`) must see it until it has drained.
+            s.parked = false;
+            self.active.push(slot);
+        }
         let mut ctx = Ctx::with(
             &mut self.ring,
             slot,
@@ -247,36 +261,40 @@ impl Reactor {
         let mut idle_since: Option<u64> = None;
         loop {
             let mut work = self.handle_messages();
-            if self.shutting_down && self.slots.iter().all(Option::is_none) {
+            if self.shutting_down && self.occupied == 0 {
                 break;
             }
             work += self.reap();
             let pass_start = ticks();
-            for slot in 0..self.slots.len() {
+            let mut i = 0;
+            while i < self.active.len() {
+                let slot = self.active[i];
                 let index = self.index;
-                if let Some(s) = self.slots[slot].as_mut() {
-                    if s.parked {
-                        continue;
-                    }
-                    let mut ctx = Ctx::with(
-                        &mut self.ring,
-                        slot,
-                        index,
-                        &mut self.spawned,
-                        Some(&self.handle),
-                    );
-                    let n = s.poller.poll(&mut ctx);
-                    work += n;
-                    if n > 0 {
-                        s.busy_at = pass_start;
-                    } else if pass_start.wrapping_sub(s.busy_at) >= self.park_ticks
-                        && s.on_stopped.is_none()
-                        && s.poller.park(&mut ctx)
-                    {
-                        s.parked = true;
-                        self.stats.parks += 1;
-                    }
+                let Some(s) = self.slots[slot].as_mut() else {
+                    self.active.swap_remove(i);
+                    continue;
+                };
+                let mut ctx = Ctx::with(
+                    &mut self.ring,
+                    slot,
+                    index,
+                    &mut self.spawned,
+                    Some(&self.handle),
+                );
+                let n = s.poller.poll(&mut ctx);
+                work += n;
+                if n > 0 {
+                    s.busy_at = pass_start;
+                } else if pass_start.wrapping_sub(s.busy_at) >= self.park_ticks
+                    && s.on_stopped.is_none()
+                    && s.poller.park(&mut ctx)
+                {
+                    s.parked = true;
+                    self.stats.parks += 1;
+                    self.active.swap_remove(i);
+                    continue;
                 }
+                i += 1;
             }
             self.add_spawned();
             self.end_pass();
@@ -308,7 +326,7 @@ impl Reactor {
                     now.wrapping_sub(start) >= spin
                 }
                 // Nothing to poll: even poll mode sleeps until a poller arrives.
-                PollMode::Poll => self.slots.iter().all(Option::is_none),
+                PollMode::Poll => self.occupied == 0,
             };
             if !should_sleep && self.mode == PollMode::Adaptive && self.ring.in_flight() > 0 {
                 // Waiting on the kernel's I/O: let whatever does it (an io-wq worker woken on
@@ -352,6 +370,7 @@ impl Reactor {
 
     fn reap(&mut self) -> u32 {
         let (slots, ring, index) = (&mut self.slots, &mut self.ring, self.index);
+        let active = &mut self.active;
         let (spawned, handle) = (&mut self.spawned, &self.handle);
         // Completions are collected first: a poller's `complete` may push to the ring.
         let mut done = [(0u64, 0i32); 64];
@@ -366,6 +385,7 @@ impl Reactor {
                         // polled again from this pass on.
                         s.parked = false;
                         s.busy_at = ticks();
+                        active.push(slot);
                     }
                     let mut ctx = Ctx::with(ring, slot, index, spawned, Some(handle));
                     s.poller.complete(&mut ctx, tag, res);
@@ -380,9 +400,10 @@ impl Reactor {
     }
 
     fn end_pass(&mut self) {
-        for slot in 0..self.slots.len() {
+        for i in 0..self.active.len() {
+            let slot = self.active[i];
             let index = self.index;
-            if let Some(s) = self.slots[slot].as_mut().filter(|s| !s.parked) {
+            if let Some(s) = self.slots[slot].as_mut() {
                 let mut ctx = Ctx::with(
                     &mut self.ring,
                     slot,
@@ -397,16 +418,23 @@ impl Reactor {
     }
 
     /// Lets stopping pollers that have drained go, and pollers that say they are done.
+    /// Parked pollers are not asked: a stopping poller is unparked, and a parked one has
+    /// armed a completion it waits for, so it is not done.
     fn retire(&mut self) {
-        for slot in 0..self.slots.len() {
+        let mut i = 0;
+        while i < self.active.len() {
+            let slot = self.active[i];
             let done = matches!(&self.slots[slot],
                 Some(s) if (s.on_stopped.is_some() && s.poller.drained()) || s.poller.done());
             if !done {
+                i += 1;
                 continue;
             }
+            self.active.swap_remove(i);
             let Some(s) = self.slots[slot].take() else {
                 continue;
             };
+            self.occupied -= 1;
             for &fd in &s.wake_fds {
                 let _ = self.epoll.delete(fd);
             }
@@ -430,7 +458,11 @@ impl Reactor {
         }
         let mut timeout_ms = -1;
         let mut raced = false;
-        for s in self.slots.iter_mut().flatten() {
+        // A parked poller armed its wake-up when it parked.
+        for &slot in &self.active {
+            let Some(s) = self.slots[slot].as_mut() else {
+                continue;
+            };
             match s.poller.arm() {
                 Armed::Ready => raced = true,
                 // A frontend that gave no kick fd polls too: look again every millisecond.
@@ -481,8 +513,10 @@ impl Reactor {
         }
         self.ring.disable_eventfd();
         // A parked poller keeps its wake-up armed: it is not polled until it fires.
-        for s in self.slots.iter_mut().flatten().filter(|s| !s.parked) {
-            s.poller.disarm();
+        for &slot in &self.active {
+            if let Some(s) = self.slots[slot].as_mut() {
+                s.poller.disarm();
+            }
         }
     }
 }
