@@ -18,3 +18,4 @@ pub mod packed;
 pub mod queue;
 pub mod request;
 pub mod running;
+pub mod split;

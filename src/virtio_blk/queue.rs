@@ -10,7 +10,6 @@
 use std::fs::File;
 use std::num::Wrapping;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
@@ -22,6 +21,7 @@ use super::iovec::{self, IovecError};
 use super::notify::Notifier;
 use super::packed::{PackedInflight, PackedRing, VringBase};
 use super::request::{ParseError, Parser, Request, RequestType};
+use super::split;
 use crate::blk::error::status;
 use crate::blk::stats::IoStats;
 use crate::blk::{Backend, BlockError, BlockRequest, Channel, DeviceModel, Op, Submitted};
@@ -653,12 +653,9 @@ impl<N: Notifier + 'static> Poller for VirtQueue<N> {
         let Ring::Split { queue, .. } = &self.ring else {
             return work;
         };
-        let avail = match queue.avail_idx(&*self.mem, Ordering::Acquire) {
-            Ok(a) => a,
-            Err(_) => {
-                self.mark_broken("avail ring unreadable");
-                return work;
-            }
+        let Some(avail) = split::avail_idx(queue, &self.mem) else {
+            self.mark_broken("avail ring unreadable");
+            return work;
         };
         let pending = (avail - Wrapping(queue.next_avail())).0;
         if pending > queue.size() {
@@ -683,10 +680,10 @@ impl<N: Notifier + 'static> Poller for VirtQueue<N> {
             let Ring::Split { queue, .. } = &mut self.ring else {
                 break;
             };
-            let Some(chain) = queue.pop_descriptor_chain(&*self.mem) else {
+            let Some(head) = split::pop_head(queue, &self.mem) else {
+                self.mark_broken("avail ring unreadable");
                 break;
             };
-            let head = chain.head_index();
             work += 1;
             if !self.take(ctx, head) {
                 break;
