@@ -28,6 +28,20 @@ const TOKEN_URING: u64 = u64::MAX - 1;
 /// Called on the reactor with the poller once it has drained and left the reactor.
 pub type OnStopped = Box<dyn FnOnce(Box<dyn Poller>) + Send>;
 
+/// The context a poller in `slot` gets. A macro, not a method: the caller holds a mutable
+/// borrow of the slot table while the context borrows the ring and the spawn list.
+macro_rules! reactor_ctx {
+    ($r:ident, $slot:expr) => {
+        Ctx::with(
+            &mut $r.ring,
+            $slot,
+            $r.index,
+            &mut $r.spawned,
+            Some(&$r.handle),
+        )
+    };
+}
+
 struct Slot {
     id: PollerId,
     poller: Box<dyn Poller>,
@@ -146,13 +160,7 @@ impl Reactor {
         make: impl FnOnce(&mut Ctx<'_>) -> Option<Box<dyn Poller>>,
     ) {
         let slot = self.free_slot();
-        let mut ctx = Ctx::with(
-            &mut self.ring,
-            slot,
-            self.index,
-            &mut self.spawned,
-            Some(&self.handle),
-        );
+        let mut ctx = reactor_ctx!(self, slot);
         let poller = make(&mut ctx);
         if let Some(p) = poller {
             self.insert(slot, id, p);
@@ -216,7 +224,6 @@ impl Reactor {
     /// Asks poller `id` to stop; `on_stopped` gets it once drained. A poller that is not here
     /// (never started, or already stopping) is not waited for: `on_stopped` is dropped.
     pub fn stop_poller(&mut self, id: PollerId, on_stopped: OnStopped) {
-        let index = self.index;
         let Some((slot, s)) = self
             .slots
             .iter_mut()
@@ -234,13 +241,7 @@ impl Reactor {
             s.parked = false;
             self.active.push(slot);
         }
-        let mut ctx = Ctx::with(
-            &mut self.ring,
-            slot,
-            index,
-            &mut self.spawned,
-            Some(&self.handle),
-        );
+        let mut ctx = reactor_ctx!(self, slot);
         s.poller.stop(&mut ctx);
         self.add_spawned();
     }
@@ -269,18 +270,11 @@ impl Reactor {
             let mut i = 0;
             while i < self.active.len() {
                 let slot = self.active[i];
-                let index = self.index;
                 let Some(s) = self.slots[slot].as_mut() else {
                     self.active.swap_remove(i);
                     continue;
                 };
-                let mut ctx = Ctx::with(
-                    &mut self.ring,
-                    slot,
-                    index,
-                    &mut self.spawned,
-                    Some(&self.handle),
-                );
+                let mut ctx = reactor_ctx!(self, slot);
                 let n = s.poller.poll(&mut ctx);
                 work += n;
                 if n > 0 {
@@ -402,15 +396,8 @@ impl Reactor {
     fn end_pass(&mut self) {
         for i in 0..self.active.len() {
             let slot = self.active[i];
-            let index = self.index;
             if let Some(s) = self.slots[slot].as_mut() {
-                let mut ctx = Ctx::with(
-                    &mut self.ring,
-                    slot,
-                    index,
-                    &mut self.spawned,
-                    Some(&self.handle),
-                );
+                let mut ctx = reactor_ctx!(self, slot);
                 s.poller.end_pass(&mut ctx);
             }
         }

@@ -697,6 +697,28 @@ mod tests {
                 .unwrap()
         }
 
+        /// A vubd that served head 0 (used index 1) and went away, leaving its record.
+        fn previous_vubd_served_one(&self, vq: &MockSplitQueue<'_, GuestMemoryMmap>) {
+            let mut d = self.vduse();
+            d.handle(&status(1 | 2 | 8 | 4));
+            assert!(
+                self.in_use.load(Ordering::Acquire),
+                "streaming region mapped: started at once"
+            );
+            self.request(vq, 0, VIRTIO_BLK_T_IN, 0, 0x8000);
+            self.kernel.kick(0);
+            self.wait_used(1);
+            d.shut_down();
+        }
+
+        /// The record the devices of this rig keep.
+        fn record(&self) -> Arc<crate::virtio_blk::inflight::InflightRegion> {
+            record::Place::new(&self.dir.path().join("state"), "vt")
+                .open(1, SIZE, 1)
+                .unwrap()
+                .unwrap()
+        }
+
         fn used_idx(&self) -> u16 {
             self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
         }
@@ -795,22 +817,8 @@ mod tests {
         rig.kernel.features.store(bit(32), Ordering::Relaxed);
         let vq = rig.ring();
         // The previous vubd: completed head 0, had taken head 3 (a write) when it died.
-        {
-            let mut d = rig.vduse();
-            d.handle(&status(1 | 2 | 8 | 4));
-            assert!(
-                rig.in_use.load(Ordering::Acquire),
-                "streaming region mapped: started at once"
-            );
-            rig.request(&vq, 0, VIRTIO_BLK_T_IN, 0, 0x8000);
-            rig.kernel.kick(0);
-            rig.wait_used(1);
-            d.shut_down();
-        }
-        let region = record::Place::new(&rig.dir.path().join("state"), "vt")
-            .open(1, SIZE, 1)
-            .unwrap()
-            .unwrap();
+        rig.previous_vubd_served_one(&vq);
+        let region = rig.record();
         rig.mem
             .write_slice(&[0x77; 512], GuestAddress(0x8000))
             .unwrap();
@@ -839,20 +847,10 @@ mod tests {
         rig.kernel.add_region(RINGS, RINGS_LEN);
         rig.kernel.features.store(bit(32), Ordering::Relaxed);
         let vq = rig.ring();
-        {
-            let mut d = rig.vduse();
-            d.handle(&status(1 | 2 | 8 | 4));
-            rig.request(&vq, 0, VIRTIO_BLK_T_IN, 0, 0x8000);
-            rig.kernel.kick(0);
-            rig.wait_used(1);
-            d.shut_down();
-        }
+        rig.previous_vubd_served_one(&vq);
         // One request outstanding, but the record (written by another server) marks two.
         rig.request(&vq, 3, VIRTIO_BLK_T_IN, 4, 0x8000);
-        let region = record::Place::new(&rig.dir.path().join("state"), "vt")
-            .open(1, SIZE, 1)
-            .unwrap()
-            .unwrap();
+        let region = rig.record();
         let mut t = region.queue(0, SIZE).unwrap();
         t.begin(3);
         t.begin(5);
