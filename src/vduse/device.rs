@@ -697,6 +697,14 @@ mod tests {
                 .unwrap()
         }
 
+        /// Bounce region and rings mapped, VERSION_1 negotiated: the ring of `ring`.
+        fn mapped_ring(&self) -> MockSplitQueue<'_, GuestMemoryMmap> {
+            self.kernel.add_region(0, BOUNCE);
+            self.kernel.add_region(RINGS, RINGS_LEN);
+            self.kernel.features.store(bit(32), Ordering::Relaxed);
+            self.ring()
+        }
+
         /// A vubd that served head 0 (used index 1) and went away, leaving its record.
         fn previous_vubd_served_one(&self, vq: &MockSplitQueue<'_, GuestMemoryMmap>) {
             let mut d = self.vduse();
@@ -812,10 +820,7 @@ mod tests {
     #[test]
     fn a_restart_runs_again_what_the_previous_server_had_taken() {
         let rig = Rig::new();
-        rig.kernel.add_region(0, BOUNCE);
-        rig.kernel.add_region(RINGS, RINGS_LEN);
-        rig.kernel.features.store(bit(32), Ordering::Relaxed);
-        let vq = rig.ring();
+        let vq = rig.mapped_ring();
         // The previous vubd: completed head 0, had taken head 3 (a write) when it died.
         rig.previous_vubd_served_one(&vq);
         let region = rig.record();
@@ -843,10 +848,7 @@ mod tests {
     #[test]
     fn a_record_marking_more_than_the_driver_has_out_is_ignored() {
         let rig = Rig::new();
-        rig.kernel.add_region(0, BOUNCE);
-        rig.kernel.add_region(RINGS, RINGS_LEN);
-        rig.kernel.features.store(bit(32), Ordering::Relaxed);
-        let vq = rig.ring();
+        let vq = rig.mapped_ring();
         rig.previous_vubd_served_one(&vq);
         // One request outstanding, but the record (written by another server) marks two.
         rig.request(&vq, 3, VIRTIO_BLK_T_IN, 4, 0x8000);
