@@ -119,6 +119,9 @@ pub struct VirtQueue<N: Notifier> {
     /// Completions `reap` collected, handled after the channel is released.
     reaped: Vec<(u64, Result<(), BlockError>)>,
     needs_signal: bool,
+    /// Split rings: used entries published since the driver was last asked whether it
+    /// wants a notification (EVENT_IDX).
+    used_added: u16,
     broken: bool,
     stopping: bool,
     stats: Box<IoStats>,
@@ -195,6 +198,7 @@ impl<N: Notifier> VirtQueue<N> {
             scratch: Vec::with_capacity(iovec::MAX_IOVECS),
             reaped: Vec::with_capacity(size),
             needs_signal: false,
+            used_added: 0,
             broken: false,
             stopping: false,
             stats: Box::default(),
@@ -550,7 +554,7 @@ impl<N: Notifier> VirtQueue<N> {
                 if let Some(t) = inflight.as_mut() {
                     t.pre_complete(head);
                 }
-                let ok = queue.add_used(&*self.mem, head, used).is_ok();
+                let ok = split::add_used(queue, &self.mem, head, used, &mut self.used_added);
                 if let Some(t) = inflight.as_mut() {
                     t.end(head, queue.next_used());
                 }
@@ -747,7 +751,9 @@ impl<N: Notifier + 'static> Poller for VirtQueue<N> {
         if self.needs_signal {
             self.needs_signal = false;
             let wanted = match &mut self.ring {
-                Ring::Split { queue, .. } => queue.needs_notification(&*self.mem).unwrap_or(true),
+                Ring::Split { queue, .. } => {
+                    split::needs_notification(queue, &self.mem, &mut self.used_added)
+                }
                 Ring::Packed { ring, .. } => ring.needs_notification(&self.mem),
             };
             if wanted {
