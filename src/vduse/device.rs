@@ -361,22 +361,24 @@ impl VduseDevice {
                 .map_err(ring_err)?
                 .0;
             let offered = avail.wrapping_sub(used);
+            let mut trusted = false;
             if let Some(t) = inflight.as_mut() {
                 resubmit = t.recover(used);
+                trusted = resubmit.len() <= usize::from(offered);
+                if !trusted {
+                    // More requests in flight than the driver has outstanding: the record is
+                    // not these rings' (the file was written by someone else). Trusting it
+                    // would skip requests the driver waits for. It records from here on.
+                    log::error!(
+                        "device {}: queue {q}: the in-flight record marks {} request(s) but the driver has {offered} outstanding: record reset",
+                        self.name(),
+                        resubmit.len()
+                    );
+                    resubmit.clear();
+                    t.reset(used);
+                }
             }
-            if resubmit.len() > usize::from(offered) {
-                // More requests in flight than the driver has outstanding: the record is
-                // not these rings' (the file was written by someone else). Trusting it would
-                // skip requests the driver waits for.
-                log::error!(
-                    "device {}: queue {q}: the in-flight record marks {} request(s) but the driver has {offered} outstanding: record ignored",
-                    self.name(),
-                    resubmit.len()
-                );
-                resubmit.clear();
-                inflight = None;
-            }
-            if inflight.is_some() {
+            if trusted {
                 // Every request the previous vubd took and did not complete is marked:
                 // continue after all of them, and run them first.
                 if !resubmit.is_empty() {
@@ -389,12 +391,12 @@ impl VduseDevice {
                 // Fits: at most `offered` heads.
                 used.wrapping_add(resubmit.len() as u16)
             } else {
-                // No record: which requests it had taken is unknowable. Continue after what
-                // the driver has offered; requests it had taken and not completed never
+                // No usable record: which requests it had taken is unknowable. Continue after
+                // what the driver has offered; requests it had taken and not completed never
                 // complete.
                 if offered != 0 {
                     log::warn!(
-                        "device {}: queue {q}: no in-flight record from the previous vubd: up to {offered} request(s) may never complete",
+                        "device {}: queue {q}: no usable in-flight record from the previous vubd: up to {offered} request(s) may never complete",
                         self.name(),
                     );
                 }
@@ -846,7 +848,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_marking_more_than_the_driver_has_out_is_ignored() {
+    fn a_record_marking_more_than_the_driver_has_out_is_reset() {
         let rig = Rig::new();
         let vq = rig.mapped_ring();
         rig.previous_vubd_served_one(&vq);
@@ -867,6 +869,8 @@ mod tests {
         rig.wait_used(2);
         assert_eq!(rig.status_of(6), 0);
         d.shut_down();
+        // The record was reset and kept: it holds nothing in flight now.
+        assert!(rig.record().queue(0, SIZE).unwrap().recover(2).is_empty());
     }
 
     #[test]

@@ -330,6 +330,16 @@ impl InflightQueue {
         self.area.write_u16(OFF_USED_IDX, used_idx);
     }
 
+    /// Forgets every mark: for a record that cannot describe these rings. Tracking starts
+    /// afresh at `ring_used_idx`.
+    pub fn reset(&mut self, ring_used_idx: u16) {
+        for h in 0..self.size {
+            self.area.write_u8(desc_off(h), 0);
+        }
+        self.area.write_u16(OFF_USED_IDX, ring_used_idx);
+        self.counter = 1;
+    }
+
     /// After a restart, before the queue runs: repairs the last batch if the backend died
     /// between publishing a used entry and clearing its mark, and returns the heads still in
     /// flight in the order they were first taken. `ring_used_idx` is the used index in guest
