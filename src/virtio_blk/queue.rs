@@ -172,19 +172,18 @@ fn mark_read(mem: &GuestMemoryMmap, req: &BlockRequest) {
 impl<N: Notifier> VirtQueue<N> {
     /// Builds the queue on its reactor: the backend channel is opened there.
     pub fn new(start: QueueStart, notifier: N, ctx: &mut Ctx<'_>) -> std::io::Result<Self> {
-        let size16 = match &start.ring {
+        let size = match &start.ring {
             Ring::Split { queue, .. } => queue.size(),
             Ring::Packed { ring, .. } => ring.size(),
         };
         let channel = start.backend.open_channel(ctx)?;
         let inline = channel.completes_inline();
         let log = log_of(&start.mem);
-        let size = usize::from(size16);
         let mut q = VirtQueue {
             device: start.device,
             index: start.index,
             ring: start.ring,
-            size: size16,
+            size,
             mem: start.mem,
             model: start.model,
             channel,
@@ -196,7 +195,7 @@ impl<N: Notifier> VirtQueue<N> {
             req: Request::default(),
             inline,
             scratch: Vec::with_capacity(iovec::MAX_IOVECS),
-            reaped: Vec::with_capacity(size),
+            reaped: Vec::with_capacity(usize::from(size)),
             needs_signal: false,
             used_added: 0,
             broken: false,
