@@ -13,7 +13,7 @@ mod frontend;
 use common::*;
 use frontend::*;
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -22,44 +22,12 @@ const PAGE: u64 = 4096;
 const MEM: u64 = 4 * MIB;
 const LOG_BYTES: u64 = 4096;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    server: Server,
-    file_dev: PathBuf,
-    ram_dev: PathBuf,
-    img: PathBuf,
-}
+/// The file device ("target", one queue, shared storage: offers LOG_ALL) and a RAM device
+/// ("bystander", which must not).
+type Setup = TargetAndBystander;
 
 fn setup() -> Setup {
-    let dir = test_dir();
-    let file_dev = dir.path().join("file.sock");
-    let ram_dev = dir.path().join("ram.sock");
-    let img = create_file(dir.path(), "disk.img", 16 * MIB);
-    let config = dir.path().join("vubd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[device]]\nname = \"file\"\nsocket-path = \"{}\"\nblk-file = \"{}\"\nbuffered = true\n\n\
-             [[device]]\nname = \"ram\"\nsocket-path = \"{}\"\nram = \"16M\"\n",
-            file_dev.display(),
-            img.display(),
-            ram_dev.display()
-        ),
-    )
-    .unwrap();
-    let server = Server::start_config(
-        dir.path(),
-        "vubd",
-        &config,
-        &[file_dev.clone(), ram_dev.clone()],
-    );
-    Setup {
-        _dir: dir,
-        server,
-        file_dev,
-        ram_dev,
-        img,
-    }
+    target_and_bystander_with(1)
 }
 
 /// A frontend that negotiated LOG_SHMFD (not yet LOG_ALL), with memory and ring 0 running.
@@ -156,7 +124,7 @@ fn dirty_log_marks_every_page_vubd_writes_while_on() {
         v
     })
     .unwrap();
-    let (mut fe, mem, mut ring) = connect_logging(&s.file_dev);
+    let (mut fe, mem, mut ring) = connect_logging(&s.target);
     let log = GuestMemory::new(LOG_BYTES);
 
     // Before any log: requests work, nothing is marked anywhere.
@@ -228,13 +196,13 @@ fn dirty_log_marks_every_page_vubd_writes_while_on() {
 #[test]
 fn a_ram_disk_offers_no_dirty_logging() {
     let s = setup();
-    let mut fe = Frontend::connect(&s.ram_dev);
+    let mut fe = Frontend::connect(&s.bystander);
     let features = fe.get_u64(GET_FEATURES);
     assert_eq!(features & F_LOG_ALL, 0, "LOG_ALL offered by a RAM disk");
     let proto = fe.get_u64(GET_PROTOCOL_FEATURES);
     assert_eq!(proto & PF_LOG_SHMFD, 0, "LOG_SHMFD offered by a RAM disk");
     // The file device offers both.
-    let mut other = Frontend::connect(&s.file_dev);
+    let mut other = Frontend::connect(&s.target);
     assert_ne!(other.get_u64(GET_FEATURES) & F_LOG_ALL, 0);
     assert_ne!(other.get_u64(GET_PROTOCOL_FEATURES) & PF_LOG_SHMFD, 0);
     // Acking it anyway is refused.
@@ -251,7 +219,7 @@ fn a_ram_disk_offers_no_dirty_logging() {
 #[test]
 fn a_log_smaller_than_claimed_is_refused() {
     let s = setup();
-    let (mut fe, _mem, _ring) = connect_logging(&s.file_dev);
+    let (mut fe, _mem, _ring) = connect_logging(&s.target);
     let log = GuestMemory::new(LOG_BYTES);
     assert!(
         !set_log_base(&mut fe, &log, 64 * LOG_BYTES),
@@ -264,7 +232,7 @@ fn a_log_smaller_than_claimed_is_refused() {
 #[test]
 fn a_log_shrunk_under_vubd_costs_only_its_connection() {
     let mut s = setup();
-    let (mut fe, mem, mut ring) = connect_logging(&s.file_dev);
+    let (mut fe, mem, mut ring) = connect_logging(&s.target);
     let log = GuestMemory::new(LOG_BYTES);
     assert!(set_log_base(&mut fe, &log, LOG_BYTES));
     assert!(set_log_all(&mut fe, true));
@@ -286,7 +254,7 @@ fn a_log_shrunk_under_vubd_costs_only_its_connection() {
     );
     s.server.assert_alive();
     // The RAM device in the same process, and the file device's socket, still serve.
-    let mut c = Client::connect(&s.ram_dev, 1);
+    let mut c = Client::connect(&s.bystander, 1);
     let data = pattern(5, 0, 4096);
     ok("write", c.disk().write(0, &data));
     assert_bytes_eq("read back", &ok("read", c.disk().read(0, 4096)), &data);
@@ -301,7 +269,7 @@ fn a_log_shrunk_under_vubd_costs_only_its_connection() {
 
 /// A new frontend on the file device does a read.
 fn assert_file_device_serves(s: &Setup) {
-    let (_fe, mem, mut ring) = connect_logging(&s.file_dev);
+    let (_fe, mem, mut ring) = connect_logging(&s.target);
     assert_eq!(
         request(&mem, &mut ring, T_IN),
         0,

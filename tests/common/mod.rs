@@ -727,16 +727,23 @@ pub fn seccomp_of_threads(pid: u32) -> Vec<(String, String)> {
     out
 }
 
-/// One vubd with two devices: "target" (a buffered file, 2 queues) where a test misbehaves,
-/// and "bystander" (RAM), which must keep serving a real client meanwhile.
+/// One vubd with two devices: "target" (a buffered file, `target.img`) where a test
+/// misbehaves or looks closely, and "bystander" (RAM), which must keep serving meanwhile.
 pub struct TargetAndBystander {
     pub _dir: tempfile::TempDir,
     pub server: Server,
     pub target: PathBuf,
     pub bystander: PathBuf,
+    /// The target's file.
+    pub img: PathBuf,
 }
 
+/// `target_and_bystander_with` with a 2-queue target.
 pub fn target_and_bystander() -> TargetAndBystander {
+    target_and_bystander_with(2)
+}
+
+pub fn target_and_bystander_with(target_queues: u16) -> TargetAndBystander {
     let dir = test_dir();
     let target = dir.path().join("target.sock");
     let bystander = dir.path().join("bystander.sock");
@@ -745,7 +752,7 @@ pub fn target_and_bystander() -> TargetAndBystander {
     std::fs::write(
         &config,
         format!(
-            "[[device]]\nname = \"target\"\nsocket-path = \"{}\"\nblk-file = \"{}\"\nbuffered = true\nnum-queues = 2\n\n\
+            "[[device]]\nname = \"target\"\nsocket-path = \"{}\"\nblk-file = \"{}\"\nbuffered = true\nnum-queues = {target_queues}\n\n\
              [[device]]\nname = \"bystander\"\nsocket-path = \"{}\"\nram = \"16M\"\n",
             target.display(),
             img.display(),
@@ -764,5 +771,6 @@ pub fn target_and_bystander() -> TargetAndBystander {
         server,
         target,
         bystander,
+        img,
     }
 }
