@@ -66,7 +66,6 @@ esac
 # shellcheck source=tests/guest/lib.sh disable=SC1091
 . "$HERE/../lib.sh"
 
-
 # --- host packages -----------------------------------------------------------------------------
 if [ "${VUBD_GUEST_NO_INSTALL:-0}" != 1 ]; then
     rc=0

@@ -13,12 +13,11 @@ rfail() {
     say "ublk_recovery: FAIL $1"
 }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
-# rstart LOG ARGS...: vubd in the background; RPID
+# rstart LOG ARGS...: vubd in the background, LOG started afresh (rtakeover reads it); RPID
 rstart() {
-    l=$1
-    shift
-    RUST_LOG=${P_rust_log:-info} $VUBD "$@" >"$l" 2>&1 &
-    RPID=$!
+    : >"$1"
+    vubd_start "$@"
+    RPID=$VPID
 }
 rkill() {
     kill -KILL "$RPID" 2>/dev/null

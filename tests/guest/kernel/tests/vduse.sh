@@ -24,8 +24,6 @@ vfail() {
 }
 # vcheck NAME GOT WANT
 vcheck() { expect vfail "$@"; }
-# vd_start LOG ARGS...: vubd in the background (appending to LOG); VPID
-vd_start() { vubd_start "$@"; }
 # vd_stop: SIGTERM, vubd must exit within 30 s; VRC
 vd_stop() { vubd_stop 30; }
 # vd_rpc JSON: one request on the management socket, the answer on stdout
@@ -76,7 +74,7 @@ ARGS="--vduse vd0 --blk-file $IMG --buffered --num-queues 2 --serial vduse-s0 --
 vduse_stale() {
     # vubd dies before anyone attached the device: /dev/vduse/vd0 stays, unused.
     # shellcheck disable=SC2086 # ARGS is a list of words
-    vd_start $LOG $ARGS
+    vubd_start $LOG $ARGS
     if ! wait_for 20 [ -c /dev/vduse/vd0 ]; then
         vfail stale_no_vduse_node
         return
@@ -220,7 +218,7 @@ vduse_restart() {
     kill -0 $fpid 2>/dev/null || vfail restart_fio_did_not_wait
     [ -b "/dev/$N" ] || vfail restart_node_gone
     # shellcheck disable=SC2086 # ARGS is a list of words
-    vd_start $LOG $ARGS
+    vubd_start $LOG $ARGS
     if ! wait_for 240 eval "! kill -0 $fpid 2>/dev/null"; then
         vfail restart_fio_hangs
         kill -KILL $fpid 2>/dev/null
@@ -256,8 +254,8 @@ vduse_exit() {
 
 vduse_inflight() {
     BLOG=/tmp/vubd-back.log
-    RUST_LOG=${P_rust_log:-info} $VUBD --vduse vb --ram 96M --num-queues 1 >>$BLOG 2>&1 &
-    bpid=$!
+    vubd_start $BLOG --vduse vb --ram 96M --num-queues 1
+    bpid=$VPID
     wait_for 20 [ -c /dev/vduse/vb ] || {
         vfail inflight_back_start
         return
@@ -269,7 +267,7 @@ vduse_inflight() {
     ALOG=/tmp/vubd-front.log
     AARGS="--vduse va --blk-file /dev/$B --num-queues 1"
     # shellcheck disable=SC2086 # AARGS is a list of words
-    vd_start $ALOG $AARGS
+    vubd_start $ALOG $AARGS
     wait_for 20 [ -c /dev/vduse/va ] || vfail inflight_front_start
     A=$(vd_attach va) || {
         vfail inflight_front_attach
@@ -290,7 +288,7 @@ vduse_inflight() {
     sleep 2
     kill -0 $fpid 2>/dev/null || vfail inflight_fio_did_not_wait
     # shellcheck disable=SC2086 # AARGS is a list of words
-    vd_start $ALOG $AARGS
+    vubd_start $ALOG $AARGS
     if ! wait_for 240 eval "! kill -0 $fpid 2>/dev/null"; then
         vfail inflight_fio_hangs
         kill -KILL $fpid 2>/dev/null
@@ -315,7 +313,7 @@ vduse_inflight() {
 
 vduse_perf() {
     PLOG=/tmp/vubd-perf.log
-    vd_start $PLOG --vduse vp --null 1G --num-queues 1
+    vubd_start $PLOG --vduse vp --null 1G --num-queues 1
     wait_for 20 [ -c /dev/vduse/vp ] || {
         vfail perf_start
         return
@@ -365,7 +363,7 @@ test_vduse() {
     vduse_stale
     rm -f /tmp/vrpc.sock
     # shellcheck disable=SC2086 # ARGS is a list of words
-    vd_start $LOG $ARGS
+    vubd_start $LOG $ARGS
     wait_for 20 [ -S /tmp/vrpc.sock ] || vfail no_rpc_socket
     grep -q 'replaced the unused VDUSE device vd0' $LOG || vfail stale_not_replaced
     if ! vduse_geometry; then
