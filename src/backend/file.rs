@@ -22,12 +22,22 @@ use crate::engine::Ctx;
 /// BLKGETSIZE64 from linux/fs.h: _IOR(0x12, 114, size_t).
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
+/// `O_DIRECT` requests are handed to the kernel once this many wait, not only at the end of a
+/// reactor pass. A device starts on what it has while the rest is parsed, and smaller batches
+/// keep it busier: on this project's VM disk (virtio-blk), QD32 4 KiB random reads went from
+/// 65-72K IOPS (whole-pass batches of ~9) to 78-85K at the same server CPU per I/O; one
+/// request per `io_uring_enter` gained no more and cost ~20 % more CPU. Buffered requests
+/// complete inside `io_uring_enter` and keep whole-pass batches: a cap of 4 there cost 30 %
+/// of tmpfs QD32 IOPS in syscalls. (`tuning/ab.sh`, cells `disk 32 fd`, `tmpfs 32 poll`.)
+const DIRECT_BATCH: u32 = 4;
+
 #[derive(Debug)]
 pub struct FileBackend {
     file: Arc<File>,
     size: AtomicU64,
     read_only: bool,
     block_device: bool,
+    buffered: bool,
 }
 
 fn block_device_size(file: &File) -> io::Result<u64> {
@@ -75,6 +85,7 @@ impl FileBackend {
             size: AtomicU64::new(size),
             read_only,
             block_device,
+            buffered,
         })
     }
 }
@@ -97,6 +108,11 @@ impl Backend for FileBackend {
         Ok(Box::new(FileChannel {
             fd: self.file.as_raw_fd(),
             _file: Arc::clone(&self.file),
+            batch: if self.buffered {
+                u32::MAX
+            } else {
+                DIRECT_BATCH
+            },
         }))
     }
 
@@ -129,6 +145,8 @@ struct FileChannel {
     fd: RawFd,
     /// Keeps `fd` open while requests may still reach the kernel.
     _file: Arc<File>,
+    /// Submit once this many SQEs wait (see `DIRECT_BATCH`).
+    batch: u32,
 }
 
 impl Channel for FileChannel {
@@ -170,7 +188,14 @@ impl Channel for FileChannel {
         // SAFETY: the iovecs and the memory they point to stay valid until the CQE is
         // reaped (this function's contract, passed on).
         match unsafe { ctx.ring.push(&sqe) } {
-            Ok(()) => Submitted::Pending,
+            Ok(()) => {
+                if ctx.ring.pending() >= self.batch {
+                    // A failed submit leaves the SQEs pending; the pass's own submit retries
+                    // and reports it.
+                    let _ = ctx.ring.submit();
+                }
+                Submitted::Pending
+            }
             Err(e) => {
                 log::debug!("io_uring push: {e}");
                 Submitted::Done(Err(BlockError::Io(e.raw_os_error().unwrap_or(libc::EIO))))
