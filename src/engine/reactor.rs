@@ -97,7 +97,7 @@ impl Reactor {
         // and each write to an eventfd raises a new edge.
         let epoll = Epoll::new()?;
         epoll.add_edge(wake.as_raw_fd(), TOKEN_MESSAGE)?;
-        epoll.add_edge(ring.eventfd().as_raw_fd(), TOKEN_URING)?;
+        epoll.add_edge(ring.fd(), TOKEN_URING)?;
         let mut r = Reactor {
             index,
             cpu,
@@ -105,7 +105,7 @@ impl Reactor {
             idle_spin: settings.idle_spin,
             idle_spin_ticks: 0,
             park_ticks: duration_to_ticks(PARK_AFTER),
-            io_spin: IoSpin::new(0),
+            io_spin: IoSpin::new(0, duration_to_ticks(super::spin::SLEEP_WAITS_OVER)),
             rx,
             wake,
             handle,
@@ -457,22 +457,11 @@ impl Reactor {
                 Armed::Sleep => {}
             }
         }
-        if self.ring.in_flight() > 0 {
-            self.ring.enable_eventfd();
-            raced |= self.ring.has_completions();
-            // The kernel reads the eventfd flag right after publishing a CQE without a full
-            // barrier, so a completion racing with the line above can go unsignalled. With
-            // I/O in flight, never sleep longer than a millisecond: a lost wakeup costs at
-            // most that, never a hang. An idle reactor still sleeps indefinitely.
-            timeout_ms = 1;
-        } else if self.ring.background() > 0 {
-            // Background operations (notifications a frontend has not consumed yet) complete
-            // whenever it reads its call fd; let that wake us to reap them. A poller that
-            // owes its driver a signal behind one says `Armed::Poll`, so a lost wake-up here
-            // delays nothing that matters.
-            self.ring.enable_eventfd();
-            raced |= self.ring.has_completions();
-        }
+        // Completions wake the epoll wait through the ring's fd, race-free (see `Uring::fd`);
+        // those that came before it are seen here. Background operations (notifications a
+        // frontend has not consumed yet) complete whenever it reads its call fd and wake us
+        // to reap them like any other.
+        raced |= self.ring.has_completions();
         raced |= !self.rx.is_empty();
         if !raced {
             let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
@@ -482,11 +471,10 @@ impl Reactor {
                 Ok(tokens) => {
                     for token in tokens {
                         woken = true;
-                        match token {
-                            TOKEN_MESSAGE => self.wake.drain(),
-                            TOKEN_URING => self.ring.eventfd().drain(),
-                            // Kick fds are edge-triggered and never read: nothing to drain.
-                            _ => {}
+                        // Kick fds and the ring are edge-triggered and never read: only the
+                        // message eventfd is drained.
+                        if token == TOKEN_MESSAGE {
+                            self.wake.drain();
                         }
                     }
                 }
@@ -498,12 +486,82 @@ impl Reactor {
                 self.stats.wakeups += 1;
             }
         }
-        self.ring.disable_eventfd();
         // A parked poller keeps its wake-up armed: it is not polled until it fires.
         for &slot in &self.active {
             if let Some(s) = self.slots[slot].as_mut() {
                 s.poller.disarm();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use io_uring::{opcode, types, IoUring};
+
+    use super::super::poller::{Armed, Ctx, Poller, PollerId};
+    use super::super::{Engine, PollMode, Settings};
+
+    /// Reports each completion it gets; does nothing else.
+    struct Listener(crossbeam_channel::Sender<(u64, i32)>);
+
+    impl Poller for Listener {
+        fn poll(&mut self, _ctx: &mut Ctx<'_>) -> u32 {
+            0
+        }
+        fn complete(&mut self, _ctx: &mut Ctx<'_>, tag: u64, result: i32) {
+            let _ = self.0.send((tag, result));
+        }
+        fn arm(&mut self) -> Armed {
+            Armed::Sleep
+        }
+        fn stop(&mut self, _ctx: &mut Ctx<'_>) {}
+        fn drained(&self) -> bool {
+            true
+        }
+        fn describe(&self) -> String {
+            "listener".into()
+        }
+    }
+
+    #[test]
+    fn a_sleeping_reactor_is_woken_by_a_completion_from_another_thread() {
+        // A CQE another thread posts (a message from another ring; an io-wq worker's
+        // completion) interrupts no system call: only the ring's fd in the sleep set wakes
+        // the reactor, and nothing bounds the sleep.
+        let settings = Settings {
+            mode: PollMode::Interrupt,
+            idle_spin: Duration::ZERO,
+        };
+        let engine = Engine::start(&[0], settings).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let reactor = engine.reactors()[0].clone();
+        let (ring_fd, user_data) = reactor
+            .call(Duration::from_secs(5), move |re| {
+                let (slot_tx, slot_rx) = crossbeam_channel::bounded(1);
+                re.add_poller(PollerId::next(), |ctx| {
+                    let _ = slot_tx.send(ctx.user_data(7));
+                    Some(Box::new(Listener(tx)))
+                });
+                (re.ring.fd(), slot_rx.recv().unwrap())
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let before = reactor.call(Duration::from_secs(5), |re| re.stats().sleeps);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(rx.try_recv().is_err());
+
+        let mut sender = IoUring::new(2).unwrap();
+        let sqe = opcode::MsgRingData::new(types::Fd(ring_fd), 42, user_data, None).build();
+        // SAFETY: the entry points to no memory.
+        unsafe { sender.submission().push(&sqe) }.unwrap();
+        sender.submit_and_wait(1).unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(5));
+        assert_eq!(got, Ok((7, 42)), "the completion did not wake the reactor");
+        let after = reactor.call(Duration::from_secs(5), |re| re.stats().sleeps);
+        assert!(after > before, "the reactor was not asleep");
+        engine.shutdown();
     }
 }
