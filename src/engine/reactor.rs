@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use super::epoll::Epoll;
 use super::eventfd::EventFd;
 use super::poller::{split_user_data, Armed, Ctx, Poller, PollerId, Spawned};
-use super::spin::IoSpin;
+use super::spin::{Spin, SLEEP_WAITS_OVER};
 use super::stats::{duration_to_ticks, ticks, ReactorStats};
 use super::uring::Uring;
 use super::{Message, PollMode, ReactorHandle, Settings};
@@ -60,9 +60,9 @@ pub struct Reactor {
     idle_spin: Duration,
     idle_spin_ticks: u64,
     park_ticks: u64,
-    /// Spin while only the kernel has work (I/O in flight, pollers idle): short, because a
-    /// completion is worth a wakeup but not a core.
-    io_spin: IoSpin,
+    /// How long waits for I/O completions last (I/O in flight, pollers idle), and so
+    /// whether to spin through the next one.
+    io_wait: Spin,
     rx: Receiver<Message>,
     wake: Arc<EventFd>,
     /// This reactor as other threads reach it (handed to pollers that need it).
@@ -105,7 +105,7 @@ impl Reactor {
             idle_spin: settings.idle_spin,
             idle_spin_ticks: 0,
             park_ticks: duration_to_ticks(PARK_AFTER),
-            io_spin: IoSpin::new(0, duration_to_ticks(super::spin::SLEEP_WAITS_OVER)),
+            io_wait: Spin::new(0, duration_to_ticks(SLEEP_WAITS_OVER)),
             rx,
             wake,
             handle,
@@ -138,7 +138,7 @@ impl Reactor {
         self.mode = s.mode;
         self.idle_spin = s.idle_spin;
         self.idle_spin_ticks = duration_to_ticks(s.idle_spin);
-        self.io_spin.set_max(self.idle_spin_ticks);
+        self.io_wait.set_max(self.idle_spin_ticks);
     }
 
     /// How many pollers run here (stopping ones included).
@@ -303,7 +303,7 @@ impl Reactor {
             if work > 0 {
                 self.stats.busy_ticks += spent;
                 idle_since = None;
-                self.io_spin.worked(now);
+                self.io_wait.worked(now);
                 continue;
             }
             self.stats.idle_ticks += spent;
@@ -312,8 +312,8 @@ impl Reactor {
                 PollMode::Interrupt => true,
                 PollMode::Adaptive => {
                     let spin = if self.ring.in_flight() > 0 {
-                        self.io_spin.waiting(start);
-                        self.io_spin.budget()
+                        self.io_wait.waiting(start);
+                        self.io_wait.budget()
                     } else {
                         self.idle_spin_ticks
                     };
