@@ -283,7 +283,13 @@ vduse_inflight() {
     fpid=$!
     sleep 3
     kill -0 $fpid 2>/dev/null || vfail inflight_fio_ended_too_soon
+    # The back vubd is held while the front one dies, so the front one surely has requests
+    # out: at a moment between fio's phases it may have none, and then the restart would
+    # prove nothing. It is let go before the front one is reaped, whose exit waits for them.
+    kill -STOP "$bpid"
+    sleep 1
     kill -KILL "$VPID"
+    kill -CONT "$bpid"
     wait "$VPID" 2>/dev/null
     sleep 2
     kill -0 $fpid 2>/dev/null || vfail inflight_fio_did_not_wait
