@@ -214,3 +214,58 @@ fn bad_inflight_regions_are_refused() {
         "region for more queues than offered"
     );
 }
+
+#[test]
+fn inflight_region_marking_more_than_the_driver_offered_is_reset() {
+    // A frontend hands back a region that marks every head in flight on a ring it has
+    // offered nothing on. Trusting it would start the ring 16 past the avail index and break
+    // the queue; vubd resets the region, says so, and serves from the frontend's base.
+    let dir = test_dir();
+    let img = create_file(dir.path(), "disk.img", 16 * MIB);
+    let img_arg = img.display().to_string();
+    let mut server = Server::start(dir.path(), "vubd", &["--blk-file", img_arg.as_str()]);
+    let mem = GuestMemory::new(8 * MIB);
+    let mut fe = connect(&server.socket, &mem);
+    let r = fe
+        .get(GET_INFLIGHT_FD, &inflight_payload(0, 1, QSIZE))
+        .unwrap();
+    let region_file = r.files.into_iter().next().expect("inflight fd");
+    let mmap_size = u64::from_le_bytes(r.payload[0..8].try_into().unwrap());
+    let region = GuestMemory::map(region_file.try_clone().unwrap(), mmap_size);
+    for head in 0..QSIZE {
+        region.write(desc_state(head) + 8, &(u64::from(head) + 1).to_le_bytes());
+        region.write(desc_state(head), &[1]);
+    }
+    assert!(fe
+        .ack(
+            SET_INFLIGHT_FD,
+            &inflight_payload(mmap_size, 1, QSIZE),
+            &[region_file.as_raw_fd()]
+        )
+        .unwrap());
+    let mut ring = Ring::setup(&mut fe, &mem, 0, QSIZE, 0).expect("ring");
+    let a = pattern(7, 0, 4096);
+    let h = write_chain(&mem, &ring, 0, 0, &a);
+    ring.offer(&mem, h);
+    assert!(
+        ring.wait_used(&mem, 1, WAIT),
+        "the queue stopped; used idx {}; {}",
+        ring.used_idx(&mem),
+        server.stderr()
+    );
+    assert_eq!(status_of(&mem, 0), 0);
+    assert!(
+        server.stderr().contains(
+            "inflight region marks 16 request(s) in flight but the driver has 0 outstanding: region reset"
+        ),
+        "{}",
+        server.stderr()
+    );
+    assert!(
+        (0..QSIZE).all(|head| region.read(desc_state(head), 1)[0] == 0),
+        "the region still marks requests"
+    );
+    drop(fe);
+    server.terminate();
+    assert_bytes_eq("a", &read_file_at(&img, 0, 4096), &a);
+}

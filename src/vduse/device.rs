@@ -363,19 +363,16 @@ impl VduseDevice {
             let offered = avail.wrapping_sub(used);
             let mut trusted = false;
             if let Some(t) = inflight.as_mut() {
-                resubmit = t.recover(used);
-                trusted = resubmit.len() <= usize::from(offered);
-                if !trusted {
-                    // More requests in flight than the driver has outstanding: the record is
-                    // not these rings' (the file was written by someone else). Trusting it
-                    // would skip requests the driver waits for. It records from here on.
-                    log::error!(
-                        "device {}: queue {q}: the in-flight record marks {} request(s) but the driver has {offered} outstanding: record reset",
+                match t.recover_outstanding(used, avail) {
+                    Ok(heads) => {
+                        resubmit = heads;
+                        trusted = true;
+                    }
+                    // The file was written by someone else. It records from here on.
+                    Err(marked) => log::error!(
+                        "device {}: queue {q}: the in-flight record marks {marked} request(s) but the driver has {offered} outstanding: record reset",
                         self.name(),
-                        resubmit.len()
-                    );
-                    resubmit.clear();
-                    t.reset(used);
+                    ),
                 }
             }
             if trusted {

@@ -5,6 +5,7 @@
 use std::any::Any;
 use std::fs::File;
 use std::os::unix::io::AsFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -228,15 +229,30 @@ impl VhostDevice {
             // not yet used is marked in the region. Continue after all of them (as
             // libvhost-user does): the frontend's vring base cannot know about them.
             let used = queue.next_used();
-            resubmit = t.recover(used);
-            // Fits: at most the queue size (<= 1024) heads are in flight.
-            queue.set_next_avail(used.wrapping_add(resubmit.len() as u16));
-            if !resubmit.is_empty() {
-                log::info!(
-                    "device {}: queue {q}: resubmitting {} in-flight request(s) from before the restart",
+            let avail = queue
+                .avail_idx(&*mem, Ordering::Acquire)
+                .map_err(|_| invalid("the avail ring is not in shared memory"))?
+                .0;
+            match t.recover_outstanding(used, avail) {
+                Ok(heads) => {
+                    resubmit = heads;
+                    // Fits: at most `avail - used` heads.
+                    queue.set_next_avail(used.wrapping_add(resubmit.len() as u16));
+                    if !resubmit.is_empty() {
+                        log::info!(
+                            "device {}: queue {q}: resubmitting {} in-flight request(s) from before the restart",
+                            self.name(),
+                            resubmit.len()
+                        );
+                    }
+                }
+                // The queue goes on from the frontend's vring base; only this frontend's own
+                // requests are at stake.
+                Err(marked) => log::error!(
+                    "device {}: queue {q}: the frontend's inflight region marks {marked} request(s) in flight but the driver has {} outstanding: region reset, nothing resubmitted",
                     self.name(),
-                    resubmit.len()
-                );
+                    avail.wrapping_sub(used)
+                ),
             }
         }
         let start = QueueStart {

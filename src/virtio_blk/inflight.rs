@@ -340,6 +340,24 @@ impl InflightQueue {
         self.counter = 1;
     }
 
+    /// `recover`, for rings whose driver has `avail_idx - ring_used_idx` requests
+    /// outstanding. A record that marks more than that cannot describe these rings (another
+    /// process wrote it, or a frontend made it up), and trusting it would put the ring past
+    /// what the driver offered. It is then reset, so it records from here on, and
+    /// `Err(marked)` says how many requests it had marked.
+    pub fn recover_outstanding(
+        &mut self,
+        ring_used_idx: u16,
+        avail_idx: u16,
+    ) -> Result<Vec<u16>, usize> {
+        let heads = self.recover(ring_used_idx);
+        if heads.len() > usize::from(avail_idx.wrapping_sub(ring_used_idx)) {
+            self.reset(ring_used_idx);
+            return Err(heads.len());
+        }
+        Ok(heads)
+    }
+
     /// After a restart, before the queue runs: repairs the last batch if the backend died
     /// between publishing a used entry and clearing its mark, and returns the heads still in
     /// flight in the order they were first taken. `ring_used_idx` is the used index in guest
