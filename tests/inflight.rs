@@ -54,6 +54,28 @@ fn status_of(mem: &GuestMemory, first: u16) -> u8 {
     mem.read(DATA_BASE + 0x100 * u64::from(first) + 16, 1)[0]
 }
 
+/// GET_INFLIGHT_FD for one queue: the region's file and size.
+fn get_region(fe: &mut Frontend) -> (std::fs::File, u64) {
+    let r = fe
+        .get(GET_INFLIGHT_FD, &inflight_payload(0, 1, QSIZE))
+        .unwrap();
+    let file = r.files.into_iter().next().expect("inflight fd");
+    (
+        file,
+        u64::from_le_bytes(r.payload[0..8].try_into().unwrap()),
+    )
+}
+
+/// SET_INFLIGHT_FD: hands the region back; whether vubd took it.
+fn set_region(fe: &mut Frontend, file: &std::fs::File, mmap_size: u64) -> bool {
+    fe.ack(
+        SET_INFLIGHT_FD,
+        &inflight_payload(mmap_size, 1, QSIZE),
+        &[file.as_raw_fd()],
+    )
+    .unwrap()
+}
+
 fn connect(socket: &std::path::Path, mem: &GuestMemory) -> Frontend {
     let mut fe = Frontend::connect(socket);
     fe.handshake(PF_INFLIGHT_SHMFD);
@@ -72,19 +94,9 @@ fn restarted_vubd_resubmits_in_flight_requests_once_in_order() {
 
     // First life: the frontend gets an inflight region and does one write.
     let mut fe = connect(&server.socket, &mem);
-    let r = fe
-        .get(GET_INFLIGHT_FD, &inflight_payload(0, 1, QSIZE))
-        .unwrap();
-    let region_file = r.files.into_iter().next().expect("inflight fd");
-    let mmap_size = u64::from_le_bytes(r.payload[0..8].try_into().unwrap());
+    let (region_file, mmap_size) = get_region(&mut fe);
     assert!(mmap_size >= 16 + 16 * u64::from(QSIZE));
-    assert!(fe
-        .ack(
-            SET_INFLIGHT_FD,
-            &inflight_payload(mmap_size, 1, QSIZE),
-            &[region_file.as_raw_fd()]
-        )
-        .unwrap());
+    assert!(set_region(&mut fe, &region_file, mmap_size));
     let mut ring = Ring::setup(&mut fe, &mem, 0, QSIZE, 0).expect("ring");
     let a = pattern(1, 0, 4096);
     let h0 = write_chain(&mem, &ring, 0, 0, &a);
@@ -137,13 +149,7 @@ fn restarted_vubd_resubmits_in_flight_requests_once_in_order() {
     // Second life: same socket, same file; the frontend hands the region back.
     let mut server = Server::start(dir.path(), "vubd", &args);
     let mut fe = connect(&server.socket, &mem);
-    assert!(fe
-        .ack(
-            SET_INFLIGHT_FD,
-            &inflight_payload(mmap_size, 1, QSIZE),
-            &[region_file.as_raw_fd()]
-        )
-        .unwrap());
+    assert!(set_region(&mut fe, &region_file, mmap_size));
     // The frontend's own idea of the ring base is the used index (QEMU restores it so).
     assert!(ring.configure(&mut fe, 2));
     assert!(
@@ -226,23 +232,13 @@ fn inflight_region_marking_more_than_the_driver_offered_is_reset() {
     let mut server = Server::start(dir.path(), "vubd", &["--blk-file", img_arg.as_str()]);
     let mem = GuestMemory::new(8 * MIB);
     let mut fe = connect(&server.socket, &mem);
-    let r = fe
-        .get(GET_INFLIGHT_FD, &inflight_payload(0, 1, QSIZE))
-        .unwrap();
-    let region_file = r.files.into_iter().next().expect("inflight fd");
-    let mmap_size = u64::from_le_bytes(r.payload[0..8].try_into().unwrap());
+    let (region_file, mmap_size) = get_region(&mut fe);
     let region = GuestMemory::map(region_file.try_clone().unwrap(), mmap_size);
     for head in 0..QSIZE {
         region.write(desc_state(head) + 8, &(u64::from(head) + 1).to_le_bytes());
         region.write(desc_state(head), &[1]);
     }
-    assert!(fe
-        .ack(
-            SET_INFLIGHT_FD,
-            &inflight_payload(mmap_size, 1, QSIZE),
-            &[region_file.as_raw_fd()]
-        )
-        .unwrap());
+    assert!(set_region(&mut fe, &region_file, mmap_size));
     let mut ring = Ring::setup(&mut fe, &mem, 0, QSIZE, 0).expect("ring");
     let a = pattern(7, 0, 4096);
     let h = write_chain(&mem, &ring, 0, 0, &a);
