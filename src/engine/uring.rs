@@ -146,6 +146,12 @@ impl Uring {
         n
     }
 
+    /// Background operations not yet completed (a harness draining the ring waits for them).
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn background(&self) -> u32 {
+        self.background
+    }
+
     pub fn has_completions(&mut self) -> bool {
         !self.ring.completion().is_empty()
     }
