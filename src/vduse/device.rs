@@ -39,6 +39,7 @@ use crate::virtio_blk::features::{bit, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio_blk::inflight::InflightRegion;
 use crate::virtio_blk::queue::{QueueStart, Ring, VirtQueue};
 use crate::virtio_blk::running;
+use crate::virtio_blk::split;
 
 /// The largest ring vubd offers per queue (VQ_SETUP): virtio_vdpa allocates rings of this
 /// size, virtio_blk's queue depth follows.
@@ -356,9 +357,8 @@ impl VduseDevice {
             // Fresh rings: where the driver says they start (0 for virtio_vdpa).
             info.state[0]
         } else {
-            let avail = queue
-                .avail_idx(&**mem, Ordering::Acquire)
-                .map_err(ring_err)?
+            let avail = split::avail_idx(&queue, mem)
+                .ok_or_else(|| format!("queue {q}: avail ring unreadable"))?
                 .0;
             let offered = avail.wrapping_sub(used);
             let mut trusted = false;

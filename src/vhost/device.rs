@@ -5,7 +5,6 @@
 use std::any::Any;
 use std::fs::File;
 use std::os::unix::io::AsFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +39,7 @@ use crate::virtio_blk::notify::{CallFdError, EventFdNotifier, SignalRing};
 use crate::virtio_blk::packed::{PackedInflight, PackedRing, PackedRingConfig, VringBase};
 use crate::virtio_blk::queue::{QueueStart, Ring, VirtQueue};
 use crate::virtio_blk::running;
+use crate::virtio_blk::split;
 
 /// Largest virtqueue accepted (QEMU's limit for vhost-user-blk).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -229,9 +229,8 @@ impl VhostDevice {
             // not yet used is marked in the region. Continue after all of them (as
             // libvhost-user does): the frontend's vring base cannot know about them.
             let used = queue.next_used();
-            let avail = queue
-                .avail_idx(&*mem, Ordering::Acquire)
-                .map_err(|_| invalid("the avail ring is not in shared memory"))?
+            let avail = split::avail_idx(&queue, &mem)
+                .ok_or_else(|| invalid("the avail ring is not in shared memory"))?
                 .0;
             match t.recover_outstanding(used, avail) {
                 Ok(heads) => {
