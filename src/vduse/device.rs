@@ -361,23 +361,25 @@ impl VduseDevice {
                 .ok_or_else(|| format!("queue {q}: avail ring unreadable"))?
                 .0;
             let offered = avail.wrapping_sub(used);
-            let mut trusted = false;
-            if let Some(t) = inflight.as_mut() {
-                match t.recover_outstanding(used, avail) {
-                    Ok(heads) => {
-                        resubmit = heads;
-                        trusted = true;
-                    }
-                    // The file was written by someone else. It records from here on.
-                    Err(marked) => log::error!(
+            let recovered = match inflight
+                .as_mut()
+                .map(|t| t.recover_outstanding(used, avail))
+            {
+                Some(Ok(heads)) => Some(heads),
+                // The file was written by someone else. It records from here on.
+                Some(Err(marked)) => {
+                    log::error!(
                         "device {}: queue {q}: the in-flight record marks {marked} request(s) but the driver has {offered} outstanding: record reset",
                         self.name(),
-                    ),
+                    );
+                    None
                 }
-            }
-            if trusted {
+                None => None,
+            };
+            if let Some(heads) = recovered {
                 // Every request the previous vubd took and did not complete is marked:
                 // continue after all of them, and run them first.
+                resubmit = heads;
                 if !resubmit.is_empty() {
                     log::info!(
                         "device {}: queue {q}: running again {} request(s) in flight when the previous vubd stopped",
