@@ -114,17 +114,23 @@ check_run() {
         echo "VUBD-RESULT test=$name-host status=FAIL reason=vubd_panicked"
         ok=1
     fi
-    if [ $ok -ne 0 ]; then
-        log "---- $name: serial console (tail) ----"
-        tail -80 "$WORK/$name.serial.log" | tr -d '\r' >&2
-        log "---- $name: qemu ----"
-        tail -20 "$WORK/$name.qemu.log" >&2
-        [ ! -f "$WORK/$name.vubd.log" ] || {
-            log "---- $name: vubd (tail) ----"
-            tail -30 "$WORK/$name.vubd.log" >&2
-        }
-    fi
+    [ $ok -eq 0 ] || show_logs "$name"
     return $ok
+}
+
+# show_logs NAME [VUBD_NAME]: the tails of one boot's serial console and QEMU output, and of
+# the host vubd's log (VUBD_NAME's, by default NAME's), on stderr: a failure in CI, where the
+# work dir is gone, must carry what explains it.
+show_logs() {
+    local name=$1 vubd_log=$WORK/${2:-$1}.vubd.log
+    log "---- $name: serial console (tail) ----"
+    tail -80 "$WORK/$name.serial.log" 2>/dev/null | tr -d '\r' >&2
+    log "---- $name: qemu ----"
+    tail -20 "$WORK/$name.qemu.log" >&2 2>/dev/null
+    [ ! -f "$vubd_log" ] || {
+        log "---- $(basename "$vubd_log"): vubd (tail) ----"
+        tail -40 "$vubd_log" >&2
+    }
 }
 
 # run_tests TITLE TEST...: runs test_NAME for each in turn, prints one "VUBD-TEST name=...

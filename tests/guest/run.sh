@@ -170,6 +170,15 @@ wait_marker() {
     done
     return 1
 }
+# await NAME FILE STRING SECONDS [VUBD_NAME]: wait_marker, and the logs of boot NAME (and of
+# the vubd VUBD_NAME) on stderr when the marker does not come: the guest is not judged by
+# check_run then, and nothing else would show why.
+await() {
+    wait_marker "$2" "$3" "$4" && return 0
+    log "$1: no \"$3\" within $4 s"
+    show_logs "$1" "${5:-$1}"
+    return 1
+}
 
 # --- KVM or TCG ----------------------------------------------------------------------------
 # /dev/kvm may exist and still not boot a stock kernel (a paravirtual KVM that hangs), so
@@ -349,7 +358,7 @@ test_restart() {
     # shellcheck disable=SC2046
     start_qemu "$name" "vubd.test=restart vubd.fio_size=32M vubd.fio_secs=20" $(vhost_args "$SOCK" 2 "$RECONNECT")
     local killed=no restarted=no busy=no
-    if wait_marker "$QEMU_LOG" VUBD-FIO-STARTED "$BOOT_TIMEOUT"; then
+    if await "$name" "$QEMU_LOG" VUBD-FIO-STARTED "$BOOT_TIMEOUT"; then
         sleep "$kill_after"
         # fio must still be running when vubd dies, or the scenario tested nothing
         grep -aq 'VUBD-RESULT' "$QEMU_LOG" || busy=yes
@@ -402,7 +411,7 @@ test_resize() {
     }
     # shellcheck disable=SC2046
     start_qemu "$name" "vubd.test=resize" $(vhost_args "$SOCK" 2)
-    if wait_marker "$QEMU_LOG" VUBD-RESIZE-READY "$BOOT_TIMEOUT"; then
+    if await "$name" "$QEMU_LOG" VUBD-RESIZE-READY "$BOOT_TIMEOUT"; then
         answer=$(rpc "$WORK/rpc.sock" '{"jsonrpc":"2.0","id":1,"method":"device_resize","params":{"name":"dev0","size":"768M"}}')
         log "device_resize: $answer"
         case "$answer" in *'"capacity":805306368'*) ;; *) st=FAIL ;; esac
@@ -477,7 +486,7 @@ test_migrate() {
     # shellcheck disable=SC2046
     QMP=$WORK/src.qmp start_qemu migrate-src "$append" $(vhost_args "$WORK/src.sock" 2)
     local src_pid=$QEMU_PID src_log=$QEMU_LOG
-    if wait_marker "$src_log" VUBD-FIO-STARTED "$BOOT_TIMEOUT"; then
+    if await migrate-src "$src_log" VUBD-FIO-STARTED "$BOOT_TIMEOUT" migrate; then
         # shellcheck disable=SC2046
         QMP=$WORK/dst.qmp start_qemu migrate "$append" $(vhost_args "$WORK/dst.sock" 2) \
             -incoming "unix:$WORK/migrate.mig"
@@ -557,11 +566,11 @@ test_memhotplug() {
     QEMU_MEM=512M,slots=2,maxmem=1G QMP=$q start_qemu "$name" \
         "vubd.test=memhotplug vubd.hold=1 memhp_default_state=online_movable" \
         $(vhost_args "$SOCK" 2) -numa node,nodeid=1
-    if wait_marker "$QEMU_LOG" VUBD-MEMHP-READY "$BOOT_TIMEOUT"; then
+    if await "$name" "$QEMU_LOG" VUBD-MEMHP-READY "$BOOT_TIMEOUT"; then
         qmp "$q" object-add '{"qom-type":"memory-backend-memfd","id":"hp0","size":268435456,"share":true}' >/dev/null &&
             qmp "$q" device_add '{"driver":"pc-dimm","id":"dimm0","memdev":"hp0","node":1}' >/dev/null ||
             why=plug
-        if wait_marker "$QEMU_LOG" VUBD-MEMHP-UNPLUG "$BOOT_TIMEOUT"; then
+        if await "$name" "$QEMU_LOG" VUBD-MEMHP-UNPLUG "$BOOT_TIMEOUT"; then
             qmp "$q" device_del '{"id":"dimm0"}' >/dev/null || why="$why${why:+,}device_del"
             qmp "$q" --wait-gone /machine/peripheral/dimm0 --timeout 120 >/dev/null ||
                 why="$why${why:+,}dimm_not_released"
@@ -606,13 +615,13 @@ test_diskhotplug() {
     # shellcheck disable=SC2046
     QMP=$q start_qemu "$name" "vubd.test=diskhotplug vubd.hold=1" $(vhost_args "$SOCK" 2) \
         -device pcie-root-port,id=rp1,bus=pcie.0,chassis=1
-    if wait_marker "$QEMU_LOG" VUBD-HOTPLUG-READY "$BOOT_TIMEOUT"; then
+    if await "$name" "$QEMU_LOG" VUBD-HOTPLUG-READY "$BOOT_TIMEOUT"; then
         answer=$(rpc "$r" "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"device_add\",\"params\":{\"name\":\"hot\",\"socket-path\":\"$WORK/hot.sock\",\"blk-file\":\"$hot\",\"num-queues\":1}}")
         case "$answer" in *'"result"'*) ;; *) why="rpc_device_add:$answer" ;; esac
         qmp "$q" chardev-add "{\"id\":\"hotc\",\"backend\":{\"type\":\"socket\",\"data\":{\"addr\":{\"type\":\"unix\",\"data\":{\"path\":\"$WORK/hot.sock\"}},\"server\":false}}}" >/dev/null &&
             qmp "$q" device_add '{"driver":"vhost-user-blk-pci","id":"hotdisk","chardev":"hotc","bus":"rp1","num-queues":1}' >/dev/null ||
             why="$why${why:+,}qemu_plug"
-        if wait_marker "$QEMU_LOG" VUBD-HOTPLUG-UNPLUG "$BOOT_TIMEOUT"; then
+        if await "$name" "$QEMU_LOG" VUBD-HOTPLUG-UNPLUG "$BOOT_TIMEOUT"; then
             answer=$(rpc "$r" '{"jsonrpc":"2.0","id":2,"method":"device_remove","params":{"name":"hot"}}')
             case "$answer" in *'-32003'*) ;; *) why="$why${why:+,}removed_while_attached:$answer" ;; esac
             qmp "$q" device_del '{"id":"hotdisk"}' >/dev/null || why="$why${why:+,}device_del"
@@ -659,7 +668,7 @@ test_reboot() {
     }
     # shellcheck disable=SC2046
     REBOOT=1 QMP=$q start_qemu "$name" "vubd.test=reboot" $(vhost_args "$SOCK" 2)
-    if wait_marker "$QEMU_LOG" VUBD-RESET-READY "$BOOT_TIMEOUT"; then
+    if await "$name" "$QEMU_LOG" VUBD-RESET-READY "$BOOT_TIMEOUT"; then
         qmp "$q" system_reset >/dev/null || why=system_reset
     else
         why=guest_not_ready_for_reset
@@ -699,7 +708,7 @@ test_packed() {
     REBOOT=1 QMP=$q start_qemu "$name" "vubd.test=packed vubd.fio_secs=20" \
         $(vhost_args "$SOCK" 2 "$RECONNECT" packed=on)
     local negotiated=no killed=no restarted=no
-    if wait_marker "$QEMU_LOG" VUBD-PACKED-RESET-READY "$BOOT_TIMEOUT"; then
+    if await "$name" "$QEMU_LOG" VUBD-PACKED-RESET-READY "$BOOT_TIMEOUT"; then
         qmp "$q" x-query-virtio-status '{"path":"/machine/peripheral/disk0/virtio-backend"}' \
             >"$WORK/packed.status.json" 2>&1 || true
         # the features the driver acked (guest-features), not the ones offered (host-features)
@@ -711,7 +720,7 @@ sys.exit(0 if any("VIRTIO_F_RING_PACKED" in f for f in d["guest-features"]["tran
     else
         why=guest_not_ready_for_reset
     fi
-    if [ -z "$why" ] && wait_marker "$QEMU_LOG" VUBD-PACKED-FIO-STARTED "$BOOT_TIMEOUT"; then
+    if [ -z "$why" ] && await "$name" "$QEMU_LOG" VUBD-PACKED-FIO-STARTED "$BOOT_TIMEOUT"; then
         sleep "$kill_after"
         if kill -0 "$QEMU_PID" 2>/dev/null && kill -KILL "$VUBD_PID" 2>/dev/null; then
             killed=yes
@@ -757,7 +766,7 @@ test_qemukill() {
     maps0=$(grep -c 'memfd:' "/proc/$VUBD_PID/maps" || true)
     # shellcheck disable=SC2046
     start_qemu qemukill-1 "vubd.test=qemukill vubd.fio_secs=60" $(vhost_args "$SOCK" 2)
-    if wait_marker "$QEMU_LOG" VUBD-FIO-STARTED "$BOOT_TIMEOUT"; then
+    if await qemukill-1 "$QEMU_LOG" VUBD-FIO-STARTED "$BOOT_TIMEOUT" "$name"; then
         sleep 4
         local busy
         busy=$(grep -c 'memfd:' "/proc/$VUBD_PID/maps" || true)
