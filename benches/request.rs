@@ -113,21 +113,43 @@ fn queue_pass_with(c: &mut Criterion, name: &str, latency: bool) {
 }
 
 /// The same pass on the backends that reach memory or the kernel: a RAM disk (completes
-/// inline, copying 4 KiB) and a buffered file on tmpfs (io_uring readv; the pass repeats
-/// until every completion is reaped, as a reactor's next passes would).
+/// inline, copying 4 KiB), a buffered file on tmpfs (io_uring readv, served by io-wq) and an
+/// O_DIRECT file on the disk under the target directory (io_uring readv to the device). The
+/// pass repeats until every completion is reaped, as a reactor's next passes would.
 fn queue_pass_backends(c: &mut Criterion) {
     let _ = env_logger::try_init();
     let path = std::path::PathBuf::from("/dev/shm/vubd-bench-queue-pass.img");
-    let file = std::fs::File::create(&path).unwrap();
-    file.set_len(64 << 20).unwrap();
-    drop(file);
-    let backends: [(&str, BackendSpec); 2] = [
+    // /dev/shm has no O_DIRECT; the target directory is on a real file system.
+    let direct = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("queue-pass-direct.img");
+    for p in [&path, &direct] {
+        let file = std::fs::File::create(p).unwrap();
+        file.set_len(64 << 20).unwrap();
+    }
+    // Blocks the reads really reach: a hole or an unwritten extent reads back as zeroes
+    // without touching the device.
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&direct)
+            .unwrap();
+        file.write_all(&vec![0xa5; 1 << 20]).unwrap();
+        file.sync_all().unwrap();
+    }
+    let backends: [(&str, BackendSpec); 3] = [
         ("ram", BackendSpec::Ram { size: 64 << 20 }),
         (
             "file_tmpfs",
             BackendSpec::File {
                 path: path.clone(),
                 buffered: true,
+            },
+        ),
+        (
+            "file_direct",
+            BackendSpec::File {
+                path: direct.clone(),
+                buffered: false,
             },
         ),
     ];
@@ -156,6 +178,7 @@ fn queue_pass_backends(c: &mut Criterion) {
         group.finish();
     }
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&direct);
 }
 
 /// Where the packed ring of the packed benches lives (the split mock's rings are below 1 MiB
