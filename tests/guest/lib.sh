@@ -59,7 +59,7 @@ need_tools() {
 }
 
 # --- one guest boot -------------------------------------------------------------------------
-# wait_qemu: waits for QEMU_PID (its timeout(1) wrapper enforces BOOT_TIMEOUT); sets QEMU_RC
+# wait_qemu: waits for QEMU_PID (its timeout(1) wrapper enforces the boot timeout); sets QEMU_RC
 # and BOOT_SECONDS (QEMU's wall time, start to power off). A guest that printed VUBD-DONE
 # but did not power off within 20 s is stopped, with QEMU_RC=125.
 wait_qemu() {

@@ -11,6 +11,10 @@
   qmp.py SOCKET --wait-gone QOM-PATH [--timeout SECONDS]
       Polls until QOM-PATH (e.g. /machine/peripheral/disk1) no longer exists (an unplug the
       guest acknowledged). Exit 1 on timeout.
+  qmp.py SOCKET --virtio-rings
+      One line per virtio device: its driver status and, per queue, the avail and used
+      indices read from guest memory. A queue whose avail index stays ahead of its used
+      index has requests the driver is still waiting for.
 """
 
 import json
@@ -113,6 +117,37 @@ def wait_gone(path, qom_path, args):
     return 1
 
 
+def virtio_rings(path):
+    q = Qmp(path, timeout=10.0)
+    for dev in q.execute("x-query-virtio"):
+        st = q.execute("x-query-virtio-status", {"path": dev["path"]})
+        words = [
+            f"virtio {dev['path']}",
+            f"name={st.get('name')}",
+            "status="
+            + (
+                ",".join(
+                    x.split(":")[0].replace("VIRTIO_CONFIG_S_", "")
+                    for x in st.get("status", {}).get("statuses", [])
+                )
+                or "-"
+            ),
+            f"vhost_started={st.get('vhost-started')}",
+            f"broken={st.get('broken')}",
+        ]
+        for i in range(st.get("num-vqs", 0)):
+            try:
+                e = q.execute("x-query-virtio-queue-element", {"path": dev["path"], "queue": i})
+                words.append(
+                    f"q{i}:avail={e['avail']['idx']},used={e['used']['idx']},"
+                    f"avail_flags={e['avail']['flags']},used_flags={e['used']['flags']}"
+                )
+            except QmpError as err:
+                words.append(f"q{i}:{str(err).replace(' ', '_')[:80]}")
+        print(" ".join(words))
+    return 0
+
+
 def main(argv):
     if len(argv) < 3:
         sys.stderr.write(__doc__)
@@ -123,6 +158,8 @@ def main(argv):
             return migrate(path, argv[3], argv[4:])
         if cmd == "--wait-gone":
             return wait_gone(path, argv[3], argv[4:])
+        if cmd == "--virtio-rings":
+            return virtio_rings(path)
         args = json.loads(argv[3]) if len(argv) > 3 else None
         print(json.dumps(Qmp(path).execute(cmd, args)))
         return 0

@@ -136,20 +136,23 @@ else
     RECONNECT=reconnect=1
 fi
 
-# start_qemu NAME APPEND [extra args...]: boots the guest in the background; sets QEMU_PID
-# and QEMU_LOG (the serial console). Environment: SMP (vCPUs), QEMU_MEM (-m), QMP (a QMP
-# socket path to listen on), REBOOT=1 (a guest reboot restarts it instead of ending QEMU).
+# start_qemu NAME APPEND [extra args...]: boots the guest in the background; sets QEMU_PID,
+# QEMU_LOG (the serial console) and QEMU_QMP (its QMP socket). Environment: SMP (vCPUs),
+# QEMU_MEM (-m), QMP (the QMP socket path, default $WORK/NAME.qmp), REBOOT=1 (a guest reboot
+# restarts it instead of ending QEMU).
 start_qemu() {
     local name=$1 append=$2
     shift 2
     QEMU_LOG=$WORK/$name.serial.log
-    local accel_args=(-accel tcg -cpu max) extra=(-no-reboot)
+    QEMU_QMP=${QMP:-$WORK/$name.qmp}
+    local accel_args=(-accel tcg -cpu max) extra=(-no-reboot -qmp "unix:$QEMU_QMP,server=on,wait=off")
     [ "$ACCEL" = kvm ] && accel_args=(-accel kvm -cpu host)
-    [ "${REBOOT:-0}" = 1 ] && extra=()
-    [ -n "${QMP:-}" ] && extra+=(-qmp "unix:$QMP,server=on,wait=off")
+    [ "${REBOOT:-0}" = 1 ] && extra=(-qmp "unix:$QEMU_QMP,server=on,wait=off")
     : >"$QEMU_LOG"
-    # timeout(1) is the last line of defence if this script is killed without its trap.
-    timeout -k 10 "$BOOT_TIMEOUT" qemu-system-x86_64 \
+    # timeout(1) is the last line of defence if this script is killed without its trap. It
+    # allows 15 s beyond BOOT_TIMEOUT so that a marker wait that gives up (await) still finds
+    # QEMU alive to show its rings.
+    timeout -k 10 "$((BOOT_TIMEOUT + 15))" qemu-system-x86_64 \
         "${accel_args[@]}" -machine q35 -smp "${SMP:-2}" -m "${QEMU_MEM:-512M}" \
         -nodefaults -nographic -monitor none "${extra[@]}" \
         -serial "file:$QEMU_LOG" \
@@ -177,6 +180,15 @@ await() {
     wait_marker "$2" "$3" "$4" && return 0
     log "$1: no \"$3\" within $4 s"
     show_logs "$1" "${5:-$1}"
+    # Requests the driver still waits for, from guest memory, twice: indices that do not
+    # move with avail ahead of used mean stuck I/O (in vubd or its backend), equal ones a
+    # guest stuck elsewhere.
+    if kill -0 "$QEMU_PID" 2>/dev/null; then
+        log "---- $1: virtio rings (QMP), 1 s apart ----"
+        qmp "$QEMU_QMP" --virtio-rings >&2 || true
+        sleep 1
+        qmp "$QEMU_QMP" --virtio-rings >&2 || true
+    fi
     return 1
 }
 
