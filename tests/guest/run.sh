@@ -183,13 +183,33 @@ await() {
     # Requests the driver still waits for, from guest memory, twice: indices that do not
     # move with avail ahead of used mean stuck I/O (in vubd or its backend), equal ones a
     # guest stuck elsewhere.
+    # Beside them, vubd's count of requests it holds per queue: requests the driver waits for
+    # that vubd does not hold never reached it.
     if kill -0 "$QEMU_PID" 2>/dev/null; then
-        log "---- $1: virtio rings (QMP), 1 s apart ----"
+        log "---- $1: virtio rings (QMP) and vubd's queues (RPC), 1 s apart ----"
         qmp "$QEMU_QMP" --virtio-rings >&2 || true
+        vubd_queues >&2
         sleep 1
         qmp "$QEMU_QMP" --virtio-rings >&2 || true
+        vubd_queues >&2
     fi
     return 1
+}
+# vubd_queues: one line per device of the current vubd (VUBD_RPC): per running queue, the
+# requests it holds and those it completed
+vubd_queues() {
+    python3 -c '
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"iostat\"}\n")
+for d in json.loads(s.makefile().readline())["result"]["devices"]:
+    qs = " ".join(
+        "q%s:in_flight=%s,done=%s" % (q["queue"], q["in-flight"], sum(o["ops"] for o in q["ops"].values()))
+        for q in d["queues"])
+    print("vubd device %s %s" % (d["name"], qs or "no-queues-running"))
+' "$VUBD_RPC" 2>&1 || true
 }
 
 # --- KVM or TCG ----------------------------------------------------------------------------
@@ -239,11 +259,21 @@ start_vubd() {
     SOCK=$WORK/$name.sock
     launch_vubd "$name" "$SOCK" --socket-path "$SOCK" "$@"
 }
-# launch_vubd NAME SOCKET ARGS...: starts vubd with exactly ARGS (log $WORK/NAME.vubd.log)
-# and waits for SOCKET; sets VUBD_PID
+# launch_vubd NAME SOCKET ARGS...: starts vubd with ARGS (log $WORK/NAME.vubd.log) and waits
+# for SOCKET; sets VUBD_PID and VUBD_RPC (its RPC socket: the one ARGS name, or
+# $WORK/NAME.rpc, added, so that a failure can show vubd's view of its queues).
 launch_vubd() {
-    local name=$1 sock=$2
+    local name=$1 sock=$2 a prev=""
     shift 2
+    VUBD_RPC=""
+    for a in "$@"; do
+        [ "$prev" = --rpc-socket ] && VUBD_RPC=$a
+        prev=$a
+    done
+    if [ -z "$VUBD_RPC" ]; then
+        VUBD_RPC=$WORK/$name.rpc
+        set -- "$@" --rpc-socket "$VUBD_RPC"
+    fi
     rm -f "$sock"
     echo "== $(date +%T) $VUBD $*" >>"$WORK/$name.vubd.log"
     RUST_LOG=${RUST_LOG:-info} "$VUBD" "$@" >>"$WORK/$name.vubd.log" 2>&1 &
