@@ -12,14 +12,17 @@
       Polls until QOM-PATH (e.g. /machine/peripheral/disk1) no longer exists (an unplug the
       guest acknowledged). Exit 1 on timeout.
   qmp.py SOCKET --virtio-rings
-      One line per virtio device: its driver status and, per queue, the avail and used
-      indices read from guest memory. A queue whose avail index stays ahead of its used
-      index has requests the driver is still waiting for.
+      One line per virtio device: its driver status and, for a vhost device, per queue,
+      the avail and used indices read from guest memory (pmemsave; nothing is asked of
+      the backend). A queue whose avail index stays ahead of its used index has requests
+      the driver is still waiting for.
 """
 
 import json
+import os
 import socket
 import sys
+import tempfile
 import time
 
 
@@ -117,34 +120,57 @@ def wait_gone(path, qom_path, args):
     return 1
 
 
+def guest_u16_pair(q, addr, scratch):
+    """The two little-endian u16 at guest physical `addr` (a ring's flags and idx), read
+    with pmemsave, which only copies guest memory out."""
+    q.execute("pmemsave", {"val": addr, "size": 4, "filename": scratch})
+    with open(scratch, "rb") as f:
+        raw = f.read(4)
+    return int.from_bytes(raw[0:2], "little"), int.from_bytes(raw[2:4], "little")
+
+
 def virtio_rings(path):
+    # Read-only on purpose: x-query-virtio-queue-status asks a vhost backend for its ring
+    # base (GET_VRING_BASE stops the ring), and x-query-virtio-queue-element walks a
+    # descriptor chain at QEMU's stale index, which can mark the device broken.
     q = Qmp(path, timeout=10.0)
-    for dev in q.execute("x-query-virtio"):
-        st = q.execute("x-query-virtio-status", {"path": dev["path"]})
-        words = [
-            f"virtio {dev['path']}",
-            f"name={st.get('name')}",
-            "status="
-            + (
-                ",".join(
-                    x.split(":")[0].replace("VIRTIO_CONFIG_S_", "")
-                    for x in st.get("status", {}).get("statuses", [])
-                )
-                or "-"
-            ),
-            f"vhost_started={st.get('vhost-started')}",
-            f"broken={st.get('broken')}",
-        ]
-        for i in range(st.get("num-vqs", 0)):
-            try:
-                e = q.execute("x-query-virtio-queue-element", {"path": dev["path"], "queue": i})
-                words.append(
-                    f"q{i}:avail={e['avail']['idx']},used={e['used']['idx']},"
-                    f"avail_flags={e['avail']['flags']},used_flags={e['used']['flags']}"
-                )
-            except QmpError as err:
-                words.append(f"q{i}:{str(err).replace(' ', '_')[:80]}")
-        print(" ".join(words))
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = os.path.join(tmp, "ring")
+        for dev in q.execute("x-query-virtio"):
+            st = q.execute("x-query-virtio-status", {"path": dev["path"]})
+            words = [
+                f"virtio {dev['path']}",
+                f"name={st.get('name')}",
+                "status="
+                + (
+                    ",".join(
+                        x.split(":")[0].replace("VIRTIO_CONFIG_S_", "")
+                        for x in st.get("status", {}).get("statuses", [])
+                    )
+                    or "-"
+                ),
+                f"vhost_started={st.get('vhost-started')}",
+                f"broken={st.get('broken')}",
+            ]
+            if st.get("vhost-started"):
+                for i in range(st.get("num-vqs", 0)):
+                    try:
+                        v = q.execute(
+                            "x-query-virtio-vhost-queue-status",
+                            {"path": dev["path"], "queue": i},
+                        )
+                        if not v["avail-phys"] or not v["used-phys"]:
+                            words.append(f"q{i}:not_set_up")
+                            continue
+                        aflags, aidx = guest_u16_pair(q, v["avail-phys"], scratch)
+                        uflags, uidx = guest_u16_pair(q, v["used-phys"], scratch)
+                        words.append(
+                            f"q{i}:avail={aidx},used={uidx},"
+                            f"avail_flags={aflags},used_flags={uflags}"
+                        )
+                    except QmpError as err:
+                        words.append(f"q{i}:{str(err).replace(' ', '_')[:80]}")
+            print(" ".join(words))
     return 0
 
 
