@@ -145,9 +145,10 @@ start_qemu() {
     shift 2
     QEMU_LOG=$WORK/$name.serial.log
     QEMU_QMP=${QMP:-$WORK/$name.qmp}
-    local accel_args=(-accel tcg -cpu max) extra=(-no-reboot -qmp "unix:$QEMU_QMP,server=on,wait=off")
+    local accel_args=(-accel tcg -cpu max) extra=(-no-reboot)
     [ "$ACCEL" = kvm ] && accel_args=(-accel kvm -cpu host)
-    [ "${REBOOT:-0}" = 1 ] && extra=(-qmp "unix:$QEMU_QMP,server=on,wait=off")
+    [ "${REBOOT:-0}" = 1 ] && extra=()
+    extra+=(-qmp "unix:$QEMU_QMP,server=on,wait=off")
     : >"$QEMU_LOG"
     # timeout(1) is the last line of defence if this script is killed without its trap. It
     # allows 15 s beyond BOOT_TIMEOUT so that a marker wait that gives up (await) still finds
@@ -180,11 +181,10 @@ await() {
     wait_marker "$2" "$3" "$4" && return 0
     log "$1: no \"$3\" within $4 s"
     show_logs "$1" "${5:-$1}"
-    # Requests the driver still waits for, from guest memory, twice: indices that do not
-    # move with avail ahead of used mean stuck I/O (in vubd or its backend), equal ones a
-    # guest stuck elsewhere.
-    # Beside them, vubd's count of requests it holds per queue: requests the driver waits for
-    # that vubd does not hold never reached it.
+    # Requests the driver still waits for, from guest memory, beside vubd's count of the
+    # requests each queue holds, twice: indices that do not move with avail ahead of used
+    # mean stuck I/O (in vubd or its backend if vubd holds them; lost on the way if it does
+    # not), equal ones a guest stuck elsewhere.
     if kill -0 "$QEMU_PID" 2>/dev/null; then
         log "---- $1: virtio rings (QMP) and vubd's queues (RPC), 1 s apart ----"
         qmp "$QEMU_QMP" --virtio-rings >&2 || true
@@ -198,18 +198,14 @@ await() {
 # vubd_queues: one line per device of the current vubd (VUBD_RPC): per running queue, the
 # requests it holds and those it completed
 vubd_queues() {
-    python3 -c '
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(10)
-s.connect(sys.argv[1])
-s.sendall(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"iostat\"}\n")
-for d in json.loads(s.makefile().readline())["result"]["devices"]:
+    rpc "$VUBD_RPC" '{"jsonrpc":"2.0","id":1,"method":"iostat"}' 2>&1 | python3 -c '
+import json, sys
+for d in json.loads(sys.stdin.readline())["result"]["devices"]:
     qs = " ".join(
         "q%s:in_flight=%s,done=%s" % (q["queue"], q["in-flight"], sum(o["ops"] for o in q["ops"].values()))
         for q in d["queues"])
     print("vubd device %s %s" % (d["name"], qs or "no-queues-running"))
-' "$VUBD_RPC" 2>&1 || true
+' 2>&1 || true
 }
 
 # --- KVM or TCG ----------------------------------------------------------------------------
