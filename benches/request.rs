@@ -1,10 +1,11 @@
 //! Criterion suites for the request path, without a frontend or a kernel in the way.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{memory, read_chains, QUEUE_SIZE, W};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
@@ -14,46 +15,6 @@ use vubd::testing::{
     QueueStart, Request, VIRTIO_BLK_T_IN,
 };
 use vubd::BackendSpec;
-
-const QUEUE_SIZE: u16 = 256;
-const N: u16 = VRING_DESC_F_NEXT as u16;
-const W: u16 = VRING_DESC_F_WRITE as u16;
-
-fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
-}
-
-/// `count` 4 KiB read chains (header, data, status) at the start of the descriptor table.
-fn read_chains(mem: &GuestMemoryMmap, count: u16) -> Vec<RawDescriptor> {
-    let mut descs = Vec::new();
-    for i in 0..count {
-        let hdr = 0x10_0000 + u64::from(i) * 0x100;
-        mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(hdr)).unwrap();
-        mem.write_obj(u64::from(i) * 8, GuestAddress(hdr + 8))
-            .unwrap();
-        let first = i * 3;
-        descs.push(RawDescriptor::from(SplitDescriptor::new(
-            hdr,
-            16,
-            N,
-            first + 1,
-        )));
-        let data = 0x80_0000 + u64::from(i) * 0x1000;
-        descs.push(RawDescriptor::from(SplitDescriptor::new(
-            data,
-            4096,
-            N | W,
-            first + 2,
-        )));
-        descs.push(RawDescriptor::from(SplitDescriptor::new(
-            hdr + 0x80,
-            1,
-            W,
-            0,
-        )));
-    }
-    descs
-}
 
 fn null_disk() -> Arc<dyn Backend> {
     open_backend(&BackendSpec::Null { size: 1 << 30 }, false).unwrap()
@@ -154,28 +115,8 @@ fn queue_pass_backends(c: &mut Criterion) {
         ),
     ];
     for (name, spec) in backends {
-        let mut group = c.benchmark_group(format!("queue_pass_{name}"));
-        for batch in [1u16, 32] {
-            let mem = Arc::new(memory());
-            let vq = MockSplitQueue::new(&*mem, QUEUE_SIZE);
-            for (i, d) in read_chains(&mem, batch).into_iter().enumerate() {
-                vq.desc_table().store(i as u16, d).unwrap();
-            }
-            let backend = open_backend(&spec, false).unwrap();
-            let start = mock::queue_start(&vq, QUEUE_SIZE, &mem, backend, "");
-            let mut h = Harness::new(|ctx| mock::virt_queue(start, ctx));
-            group.throughput(Throughput::Elements(u64::from(batch)));
-            group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
-                b.iter(|| {
-                    mock::offer(&vq, QUEUE_SIZE, (0..batch).map(|i| i * 3));
-                    assert_eq!(h.pass(), u32::from(batch));
-                    while h.poller.in_flight() > 0 {
-                        h.pass();
-                    }
-                })
-            });
-        }
-        group.finish();
+        let backend = open_backend(&spec, false).unwrap();
+        common::queue_pass_backend(c, &format!("queue_pass_{name}"), &backend);
     }
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&direct);
