@@ -71,7 +71,7 @@ fn queue_pass_nbd(c: &mut Criterion) {
         timeout: Duration::from_secs(30),
     };
     let backend = open_backend(&spec, false).unwrap();
-    common::queue_pass_backend(c, "queue_pass_nbd", &backend);
+    common::queue_pass_backend(c, "queue_pass_nbd", &backend, &[1, 32], true);
 }
 
 fn queue_pass_rbd(c: &mut Criterion) {
@@ -107,7 +107,7 @@ fn queue_pass_rbd(c: &mut Criterion) {
         keyring: None,
     };
     let backend = open_backend(&spec, false).unwrap();
-    common::queue_pass_backend(c, "queue_pass_rbd", &backend);
+    common::queue_pass_backend(c, "queue_pass_rbd", &backend, &[1, 32], true);
     // The image closes before the cluster stops.
     drop(backend);
 }

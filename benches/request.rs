@@ -48,29 +48,7 @@ fn queue_pass(c: &mut Criterion) {
 
 fn queue_pass_with(c: &mut Criterion, name: &str, latency: bool) {
     let _ = env_logger::try_init();
-    let mut group = c.benchmark_group(name);
-    for batch in [1u16, 8, 32] {
-        let mem = Arc::new(memory());
-        let vq = MockSplitQueue::new(&*mem, QUEUE_SIZE);
-        for (i, d) in read_chains(&mem, batch).into_iter().enumerate() {
-            vq.desc_table().store(i as u16, d).unwrap();
-        }
-        let start = QueueStart {
-            latency,
-            ..mock::queue_start(&vq, QUEUE_SIZE, &mem, null_disk(), "")
-        };
-        let mut h = Harness::new(|ctx| mock::virt_queue(start, ctx));
-        group.throughput(Throughput::Elements(u64::from(batch)));
-        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
-            b.iter(|| {
-                // Offer the same `batch` chains again, wrapping around the avail ring as a
-                // driver does.
-                mock::offer(&vq, QUEUE_SIZE, (0..batch).map(|i| i * 3));
-                assert_eq!(h.pass(), u32::from(batch));
-            })
-        });
-    }
-    group.finish();
+    common::queue_pass_backend(c, name, &null_disk(), &[1, 8, 32], latency);
 }
 
 /// The same pass on the backends that reach memory or the kernel: a RAM disk (completes
@@ -116,7 +94,7 @@ fn queue_pass_backends(c: &mut Criterion) {
     ];
     for (name, spec) in backends {
         let backend = open_backend(&spec, false).unwrap();
-        common::queue_pass_backend(c, &format!("queue_pass_{name}"), &backend);
+        common::queue_pass_backend(c, &format!("queue_pass_{name}"), &backend, &[1, 32], true);
     }
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&direct);

@@ -12,7 +12,7 @@ use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRI
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
-use vubd::testing::{mock, Backend, GuestMemoryMmap, Harness, VIRTIO_BLK_T_IN};
+use vubd::testing::{mock, Backend, GuestMemoryMmap, Harness, QueueStart, VIRTIO_BLK_T_IN};
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const N: u16 = VRING_DESC_F_NEXT as u16;
@@ -69,22 +69,34 @@ pub fn read_chains(mem: &GuestMemoryMmap, count: u16) -> Vec<RawDescriptor> {
     descs
 }
 
-/// Group `name`: a split queue pass over `backend` per iteration, at batches of 1 and 32
-/// reads, until every completion is reaped, as a reactor's next passes would reap them
-/// (spinning: the time includes the backend's whole round trip).
-pub fn queue_pass_backend(c: &mut Criterion, name: &str, backend: &Arc<dyn Backend>) {
+/// Group `name`: a split queue pass over `backend` per iteration, at each of `batches`
+/// reads, then passes until every completion is reaped, as a reactor's next passes would
+/// reap them (spinning: the time includes the backend's whole round trip). `latency`:
+/// per-request latency histograms on or off.
+pub fn queue_pass_backend(
+    c: &mut Criterion,
+    name: &str,
+    backend: &Arc<dyn Backend>,
+    batches: &[u16],
+    latency: bool,
+) {
     let mut group = c.benchmark_group(name);
-    for batch in [1u16, 32] {
+    for &batch in batches {
         let mem = Arc::new(memory());
         let vq = MockSplitQueue::new(&*mem, QUEUE_SIZE);
         for (i, d) in read_chains(&mem, batch).into_iter().enumerate() {
             vq.desc_table().store(i as u16, d).unwrap();
         }
-        let start = mock::queue_start(&vq, QUEUE_SIZE, &mem, Arc::clone(backend), "");
+        let start = QueueStart {
+            latency,
+            ..mock::queue_start(&vq, QUEUE_SIZE, &mem, Arc::clone(backend), "")
+        };
         let mut h = Harness::new(|ctx| mock::virt_queue(start, ctx));
         group.throughput(Throughput::Elements(u64::from(batch)));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
             b.iter(|| {
+                // Offer the same `batch` chains again, wrapping around the avail ring as a
+                // driver does.
                 mock::offer(&vq, QUEUE_SIZE, (0..batch).map(|i| i * 3));
                 assert_eq!(h.pass(), u32::from(batch));
                 while h.poller.in_flight() > 0 {
