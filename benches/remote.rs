@@ -19,7 +19,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use vubd::testing::open_backend;
 use vubd::BackendSpec;
 
-/// Where a server's data begins to matter: the reads cover the first 128 KiB.
+/// The export's and the image's size (the reads cover their first 128 KiB).
 const IMAGE_MB: u64 = 64;
 
 /// `nbdkit memory` for as long as the bench runs.
