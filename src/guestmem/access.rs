@@ -48,6 +48,55 @@ pub fn read_obj<T: ByteValued>(mem: &GuestMemoryMmap, addr: GuestAddress) -> Opt
     }
 }
 
+/// An array of `T` in guest memory that the device reads entry by entry: a descriptor
+/// table. Its region is looked up once. When the whole array lies in one region and is
+/// aligned for `T` (always, for a driver that follows the spec), an entry is one load;
+/// otherwise each entry takes `read_obj`'s path.
+pub struct GuestArray<'a, T> {
+    mem: &'a GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u32,
+    host: Option<*const T>,
+}
+
+impl<'a, T: ByteValued> GuestArray<'a, T> {
+    pub fn new(mem: &'a GuestMemoryMmap, addr: GuestAddress, len: u32) -> Self {
+        let host = (len as usize)
+            .checked_mul(std::mem::size_of::<T>())
+            .and_then(|bytes| host_range(mem, addr, bytes))
+            .map(|(p, _, _)| p.cast_const().cast::<T>())
+            .filter(|p| p.is_aligned());
+        GuestArray {
+            mem,
+            addr,
+            len,
+            host,
+        }
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Entry `i`, if it is below the length and in guest memory.
+    #[inline]
+    pub fn get(&self, i: u32) -> Option<T> {
+        if i >= self.len {
+            return None;
+        }
+        if let Some(p) = self.host {
+            // SAFETY: `new` checked that all `len` entries lie in one mapped region and that
+            // `p` is aligned for T; `i` is below `len`; the region stays mapped while `mem`
+            // is borrowed; T is plain data. Volatile: the driver owns the memory.
+            return Some(unsafe { std::ptr::read_volatile(p.add(i as usize)) });
+        }
+        let at = self
+            .addr
+            .checked_add(u64::from(i) * std::mem::size_of::<T>() as u64)?;
+        read_obj(self.mem, at)
+    }
+}
+
 /// Copies `out.len()` bytes at `addr` out of guest memory.
 #[inline]
 pub fn read_bytes(mem: &GuestMemoryMmap, addr: GuestAddress, out: &mut [u8]) -> bool {
@@ -123,6 +172,33 @@ pub fn mark_host_range(mem: &GuestMemoryMmap, p: *const u8, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrays_off_alignment_or_across_regions_are_read_entry_by_entry() {
+        // Two regions; an array at an odd address, and one that crosses into the second.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        for at in [0x101u64, 0xfe0] {
+            for i in 0..4u64 {
+                mem.write_obj(i * 0x1111, GuestAddress(at + 8 * i)).unwrap();
+            }
+            let a = GuestArray::<u64>::new(&mem, GuestAddress(at), 6);
+            assert!(a.host.is_none(), "array at {at:#x}");
+            assert_eq!(a.get(3), Some(0x3333));
+            assert_eq!(a.get(6), None, "beyond the length");
+        }
+        let a = GuestArray::<u64>::new(&mem, GuestAddress(0x100), 4);
+        assert!(a.host.is_some(), "the fast path is taken when it can be");
+        mem.write_obj(0x4242u64, GuestAddress(0x118)).unwrap();
+        assert_eq!(a.get(3), Some(0x4242));
+        assert_eq!(a.get(4), None, "beyond the length");
+        assert!(GuestArray::<u64>::new(&mem, GuestAddress(0x1ff8), 2)
+            .get(1)
+            .is_none());
+    }
 
     #[test]
     fn objects_at_unaligned_guest_addresses_are_read_whole() {

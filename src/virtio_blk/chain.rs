@@ -14,9 +14,10 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
-use vm_memory::{Address, GuestAddress};
+use vm_memory::GuestAddress;
 
-use crate::guestmem::{access, GuestMemoryMmap};
+use crate::guestmem::access::GuestArray;
+use crate::guestmem::GuestMemoryMmap;
 
 const DESC_SIZE: u64 = 16;
 
@@ -25,12 +26,7 @@ pub const MAX_CHAIN: u16 = 1024;
 
 pub struct Chain<'a> {
     mem: &'a GuestMemoryMmap,
-    table: GuestAddress,
-    /// The table's host address, when the whole table lies in one region and is aligned
-    /// for descriptors (always, for a driver that follows the spec): then a descriptor is
-    /// one load, without a region lookup each.
-    host: Option<*const RawDescriptor>,
-    table_len: u16,
+    table: GuestArray<'a, RawDescriptor>,
     next: u16,
     ttl: u16,
     indirect: bool,
@@ -49,9 +45,7 @@ impl<'a> Chain<'a> {
     ) -> Self {
         Chain {
             mem,
-            table: desc_table,
-            host: host_table(mem, desc_table, queue_size),
-            table_len: queue_size,
+            table: GuestArray::new(mem, desc_table, u32::from(queue_size)),
             next: head,
             ttl: queue_size,
             indirect: false,
@@ -62,31 +56,8 @@ impl<'a> Chain<'a> {
     }
 
     fn read(&self, index: u16) -> Option<Descriptor> {
-        if index >= self.table_len {
-            return None;
-        }
-        if let Some(p) = self.host {
-            // SAFETY: `host_table` checked that the table's `table_len` descriptors lie in
-            // one mapped region, aligned; `index` is below `table_len`; the region stays
-            // mapped while `mem` is borrowed. Volatile: the driver owns the memory.
-            let raw = unsafe { std::ptr::read_volatile(p.add(usize::from(index))) };
-            return Some(Descriptor::from(raw));
-        }
-        let addr = self.table.checked_add(u64::from(index) * DESC_SIZE)?;
-        access::read_obj::<RawDescriptor>(self.mem, addr).map(Descriptor::from)
+        self.table.get(u32::from(index)).map(Descriptor::from)
     }
-}
-
-/// Where `len` descriptors at `table` are in this process, if they lie in one region and
-/// the table is aligned for them.
-fn host_table(
-    mem: &GuestMemoryMmap,
-    table: GuestAddress,
-    len: u16,
-) -> Option<*const RawDescriptor> {
-    let (p, _, _) = access::host_range(mem, table, usize::from(len) * DESC_SIZE as usize)?;
-    let p = p.cast_const().cast::<RawDescriptor>();
-    p.is_aligned().then_some(p)
 }
 
 impl Iterator for Chain<'_> {
@@ -109,10 +80,10 @@ impl Iterator for Chain<'_> {
                 return None;
             }
             self.indirect = true;
-            self.table = desc.addr();
-            self.table_len = (len / DESC_SIZE as u32) as u16;
-            self.host = host_table(self.mem, self.table, self.table_len);
-            self.ttl = self.table_len;
+            // Fits: at most u16::MAX entries (checked above).
+            let entries = (len / DESC_SIZE as u32) as u16;
+            self.table = GuestArray::new(self.mem, desc.addr(), u32::from(entries));
+            self.ttl = entries;
             self.next = 0;
             d = self.read(0).filter(|d| !d.refers_to_indirect_table());
         }
@@ -177,32 +148,6 @@ mod tests {
         let c = walk(&mem, 1);
         assert_eq!(c.len(), 3);
         assert!(!c[2].has_next());
-    }
-
-    #[test]
-    fn tables_off_alignment_or_across_regions_are_walked_the_slow_way() {
-        // Two regions; a table at an odd address, and one that crosses into the second.
-        let mem = GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), 0x1000),
-            (GuestAddress(0x1000), 0x1000),
-        ])
-        .unwrap();
-        for table in [0x101u64, 0xfe0] {
-            put(&mem, table, 0, Descriptor::new(0x100, 16, N, 1));
-            put(&mem, table, 1, Descriptor::new(0x200, 4096, N, 2));
-            put(&mem, table, 2, Descriptor::new(0x300, 1, 0, 0));
-            let c: Vec<_> = Chain::new(&mem, GuestAddress(table), 4, 0).collect();
-            assert!(Chain::new(&mem, GuestAddress(table), 4, 0).host.is_none());
-            assert_eq!(c.len(), 3, "table at {table:#x}");
-            assert_eq!(c[1].addr(), GuestAddress(0x200));
-            assert_eq!(c[1].len(), 4096);
-            assert!(!c[2].has_next());
-        }
-        let aligned = Chain::new(&mem, GuestAddress(0x100), 4, 0);
-        assert!(
-            aligned.host.is_some(),
-            "the fast path is taken when it can be"
-        );
     }
 
     #[test]

@@ -15,10 +15,11 @@
 //! its last descriptor with NEXT set, which the parser treats as a malformed chain.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, GuestAddress};
+use vm_memory::GuestAddress;
 
 use super::{PackedDesc, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
-use crate::guestmem::{access, GuestMemoryMmap};
+use crate::guestmem::access::GuestArray;
+use crate::guestmem::GuestMemoryMmap;
 
 /// Most descriptors one chain may have (chain.rs's limit, QEMU's).
 pub const MAX_CHAIN: u16 = crate::virtio_blk::chain::MAX_CHAIN;
@@ -28,8 +29,8 @@ pub struct PackedChain<'a> {
     ring: &'a [PackedDesc],
     /// The ring descriptor to yield next.
     next: usize,
-    /// The indirect table being walked: address, entries, next entry.
-    table: Option<(GuestAddress, u32, u32)>,
+    /// The indirect table being walked, and its next entry.
+    table: Option<(GuestArray<'a, PackedDesc>, u32)>,
     bytes: u32,
     budget: u16,
     done: bool,
@@ -56,15 +57,14 @@ impl<'a> PackedChain<'a> {
 
     /// The next descriptor as the driver wrote it, and whether more follow.
     fn step(&mut self) -> Option<(PackedDesc, bool)> {
-        if let Some((addr, entries, i)) = self.table.as_mut() {
-            if *i == *entries {
+        if let Some((table, i)) = self.table.as_mut() {
+            if *i == table.len() {
                 return None;
             }
-            let at = addr.checked_add(u64::from(*i) * DESC_SIZE)?;
-            let d = access::read_obj::<PackedDesc>(self.mem, at)?;
+            let d = table.get(*i)?;
             *i += 1;
             // Nested tables end the walk.
-            return (!d.is_indirect()).then_some((d, *i < *entries));
+            return (!d.is_indirect()).then_some((d, *i < table.len()));
         }
         let d = *self.ring.get(self.next)?;
         self.next += 1;
@@ -80,7 +80,10 @@ impl<'a> PackedChain<'a> {
         {
             return None;
         }
-        self.table = Some((GuestAddress(d.addr()), len / DESC_SIZE as u32, 0));
+        self.table = Some((
+            GuestArray::new(self.mem, GuestAddress(d.addr()), len / DESC_SIZE as u32),
+            0,
+        ));
         self.step()
     }
 }
