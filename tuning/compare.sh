@@ -16,8 +16,9 @@
 # The best QSD configuration of a cell is the one with the highest median IOPS.
 # Writes DIR/runs.jsonl (one line per run), DIR/results.md (per cell: vubd, best QSD, their
 # ratios; every QSD configuration; the goals) and DIR/compare.png (IOPS and p99 per cell).
-# tuning/results/floor.txt (or DIR/floor.txt), when present, holds a cross-core round-trip
-# floor in µs (first number in the file) shown next to the null QD1 polling p50.
+# DIR/floor.txt (vubd-floor, measured in the run; else tuning/results/floor.txt) holds the
+# cross-core floors shown next to the null QD1 polling p50: a cache line's round trip (first
+# number in the file) and the ring floor (ring_p50_us=, ring_nodata_p50_us=).
 #
 # Usage: tuning/compare.sh [--seconds S] [--reps R] [--out DIR] [--quick] [--cells FILTER]
 #   --cells: comma-separated globs over cell names BACKEND/RW/qdN/qN/CLIENT, e.g.

@@ -192,23 +192,36 @@ missing = [f"{c} ({', '.join(misses(c))})" for c in file_cells if misses(c)]
 if missing:
     print("\nFile cells missing a goal: " + "; ".join(missing) + ".")
 
-floor, floor_text = None, None
+floor, ring, floor_text = None, {}, None
 if args.floor:
     text = open(args.floor).read()
     m = re.search(r"[0-9]+(?:\.[0-9]+)?", text)
     floor = float(m.group()) if m else None
+    # A null read fills the buffer (the ring floor with data); a null write leaves it.
+    ring = {rw: float(m.group(1)) if m else None
+            for rw, m in (("randread", re.search(r"ring_p50_us=([0-9.]+)", text)),
+                          ("randwrite", re.search(r"ring_nodata_p50_us=([0-9.]+)", text)))}
     floor_text = next((l.strip() for l in text.splitlines() if l.strip()), "")
-print("\n### Null QD1, polling client: p50 against the cross-core floor\n")
+print("\n### Null QD1, polling client: p50 against the cross-core floors\n")
 if floor is not None:
-    print(f"Floor: {floor:g} µs (`{args.floor}`: {floor_text})\n")
+    print(f"Floors (`{args.floor}`: {floor_text}): a cache line's round trip between the two CPUs, "
+          f"{floor:g} µs; the ring floor, a QD1 4 KiB read served by an ideal device on the split "
+          f"ring's layout (every line a driver and a device exchange, no other work), "
+          f"{fmt(ring.get('randread'), 'g') if ring.get('randread') else '–'} µs for a read, which fills "
+          f"the buffer, {fmt(ring.get('randwrite'), 'g') if ring.get('randwrite') else '–'} µs for a write "
+          f"to a null device, which leaves it. The client's own work (libblkio) is in vubd's p50 and "
+          f"in neither floor.\n")
 else:
     print("No floor given (tuning/results/floor.txt: first number = cross-core round trip in µs).\n")
-print(row(["cell", "vubd p50 µs", "best QSD p50 µs", "vubd / QSD", "floor µs", "vubd / floor"]))
-print(row(["---"] * 6))
+print(row(["cell", "vubd p50 µs", "best QSD p50 µs", "vubd / QSD", "line floor µs", "vubd / line floor",
+           "ring floor µs", "vubd / ring floor"]))
+print(row(["---"] * 8))
 for c in cells:
     if c.startswith("null/") and "/qd1/" in c and c.endswith("/poll"):
         print(row([c, lat(V[c]["lat_p50_us"]), f"{lat(B[c]['lat_p50_us'])} ({BEST[c]})", rx(R[c]["lat_p50_us"]),
-                   fmt(floor, "g") if floor is not None else "–", rx(ratio(V[c]["lat_p50_us"], floor))]))
+                   fmt(floor, "g") if floor is not None else "–", rx(ratio(V[c]["lat_p50_us"], floor)),
+                   fmt(ring.get(c.split("/")[1]), "g") if ring.get(c.split("/")[1]) else "–",
+                   rx(ratio(V[c]["lat_p50_us"], ring.get(c.split("/")[1])))]))
 
 # ---- every QSD configuration ----
 print("\n## Every QSD configuration\n")

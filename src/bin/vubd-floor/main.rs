@@ -4,8 +4,17 @@
 //! least this (the driver publishes, the device sees it; the device publishes, the driver
 //! sees it), so no server's QD1 latency can go below it on these two CPUs.
 //!
+//! A line says nothing of what a request moves, though. The ring floor (`ring`) is a QD1
+//! 4 KiB read served by an ideal device on the split ring's layout: every cache line a
+//! driver and a device must exchange for it, and no other work. A null backend's QD1 p50
+//! with a polling client is measured against both.
+//!
 //! `vubd-floor [--cpus A,B] [--seconds S]` prints the p50 and p99 of one round trip, in
-//! microseconds, as `floor_p50_us=... floor_p99_us=...` (first number: the p50).
+//! microseconds, as `floor_p50_us=... floor_p99_us=... ring_p50_us=... ring_p99_us=...
+//! ring_nodata_p50_us=...` (first number: the line's p50; `ring_nodata`: the ring alone,
+//! without filling the 4 KiB buffer).
+
+mod ring;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,14 +53,47 @@ fn main() {
             }
         }
     }
+    if !pin(cpus.0) {
+        eprintln!("vubd-floor: cannot pin to cpu {}", cpus.0);
+    }
+    let line = quantiles(line(seconds, cpus.1));
+    let ring = ring::measure(seconds, BATCH, cpus.1, true, pin);
+    let bare = ring::measure(seconds, BATCH, cpus.1, false, pin);
+    let (ring, bare) = match (ring, bare) {
+        (Ok(r), Ok(b)) => (quantiles(r), quantiles(b)),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("vubd-floor: the ring floor's device failed: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "{:.3} floor_p50_us={:.3} floor_p99_us={:.3} ring_p50_us={:.3} ring_p99_us={:.3} \
+         ring_nodata_p50_us={:.3} round_trips={} cpus={},{}",
+        line.0, line.0, line.1, ring.0, ring.1, bare.0, line.2, cpus.0, cpus.1
+    );
+}
+
+/// Round trips are timed in batches: the clock costs more than one bounce.
+const BATCH: u64 = 256;
+
+/// p50, p99, and round trips measured.
+fn quantiles(mut samples: Vec<f64>) -> (f64, f64, u64) {
+    samples.sort_by(f64::total_cmp);
+    let q = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize];
+    (q(0.5), q(0.99), samples.len() as u64 * BATCH)
+}
+
+/// One cache line bounced between this thread and one on `echo_cpu`: round-trip times in
+/// µs, one sample per batch.
+fn line(seconds: f64, echo_cpu: usize) -> Vec<f64> {
     let ping = Arc::new(Line(AtomicU64::new(0)));
     let pong = Arc::new(Line(AtomicU64::new(0)));
     let stop = Arc::new(AtomicBool::new(false));
     let echo = {
         let (ping, pong, stop) = (ping.clone(), pong.clone(), stop.clone());
         std::thread::spawn(move || {
-            if !pin(cpus.1) {
-                eprintln!("vubd-floor: cannot pin to cpu {}", cpus.1);
+            if !pin(echo_cpu) {
+                eprintln!("vubd-floor: cannot pin to cpu {echo_cpu}");
             }
             let mut seen = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -64,11 +106,6 @@ fn main() {
             }
         })
     };
-    if !pin(cpus.0) {
-        eprintln!("vubd-floor: cannot pin to cpu {}", cpus.0);
-    }
-    // Batches of round trips, timed as a whole: the clock costs more than one bounce.
-    const BATCH: u64 = 256;
     let mut samples = Vec::new();
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let mut seq = 0u64;
@@ -85,15 +122,5 @@ fn main() {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = echo.join();
-    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let q = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize];
-    println!(
-        "{:.3} floor_p50_us={:.3} floor_p99_us={:.3} round_trips={} cpus={},{}",
-        q(0.5),
-        q(0.5),
-        q(0.99),
-        samples.len() as u64 * BATCH,
-        cpus.0,
-        cpus.1
-    );
+    samples
 }
