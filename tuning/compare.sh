@@ -26,7 +26,8 @@
 #   --quick: randread, 1 queue, every backend, 1 s x 1 rep unless given (a 1-minute smoke run)
 # Full run with the defaults (48 cells x 4 servers x 3 reps x 3 s = 576 runs): 30-35 minutes
 # (a run costs its --seconds plus 0.1-0.3 s of server start and stop).
-# VUBD_NO_BUILD=1 skips the cargo build (see lib.sh).
+# VUBD_NO_BUILD=1 skips the cargo build (see lib.sh). DISK_HEALTHY_IOPS (30000): below it
+# the disk check before the disk cells marks them as measured on a slow disk.
 set -euo pipefail
 SECS=""
 REPS=""
@@ -182,8 +183,30 @@ RUN_COUNT=$(( ${#TODO[@]} * ${#SERVERS[@]} * REPS ))
 TIMEOUT=$(awk -v s="$SECS" 'BEGIN {printf "%d", s * 3 + 30}')
 echo "compare: ${#TODO[@]} cells x ${#SERVERS[@]} servers x $REPS reps of $SECS s = $RUN_COUNT runs," \
     "about $(awk -v n="$RUN_COUNT" -v s="$SECS" 'BEGIN {printf "%d", n * (s + 0.3) / 60 + 1}') min; results in $OUT" >&2
+# This project's VM disk reads data written long ago (hours) at a few thousand IOPS and
+# freshly written data at 50-80 k (a host-side cache, it seems): the run's image is written
+# at its start, and checked before the disk cells. Disk cells measured on a slow disk
+# compare the disk's stalls, not the servers: say so in the results.
+DISK_CHECK=""
+disk_check() {
+    local line iops
+    start_server vubd disk 1 || { stop_server; return 0; }
+    line=$(timeout 20 taskset -c "$CLI_CPU" "$BIN/vubd-bench" --socket "$WORK/vubd.sock" \
+        --iodepth 32 --seconds 1 --poll --json 2>>"$OUT/bench.log") || line=""
+    stop_server
+    iops=$("$PY" -c 'import json,sys; print(round(json.loads(sys.argv[1])["iops"]))' "$line" 2>/dev/null) || iops=0
+    DISK_CHECK="Disk check before the disk cells: $iops IOPS (vubd, 4 KiB randread, QD32, polling client, 1 s)"
+    if [ "$iops" -lt "$DISK_HEALTHY_IOPS" ]; then
+        DISK_CHECK+="; below $DISK_HEALTHY_IOPS: the disk was slow, so the disk cells measure its stalls, not the servers."
+        echo "compare: WARNING: $DISK_CHECK" >&2
+    else
+        DISK_CHECK+="."
+    fi
+}
+DISK_HEALTHY_IOPS=${DISK_HEALTHY_IOPS:-30000}
 STARTED=$(date +%s)
 for cell in "${TODO[@]}"; do
+    case $cell in disk/*) [ -n "$DISK_CHECK" ] || disk_check ;; esac
     for rep in $(seq "$REPS"); do
         for server in "${SERVERS[@]}"; do
             run_one "$server" "$cell" "$rep"
@@ -208,6 +231,7 @@ done
     echo "Host: $(nproc) CPUs, kernel $(uname -r); server CPU $SRV_CPU, client CPU $CLI_CPU; date $(date -u +%F)"
     echo "Every run starts its server fresh; runs alternate vubd, qsd-main, qsd-iothread,"
     echo "qsd-iothread-nopoll within a cell; medians of $REPS runs of $SECS s; 4 KiB requests."
+    [ -z "$DISK_CHECK" ] || echo "$DISK_CHECK"
     echo
 } >"$OUT/results.md"
 "$PY" tuning/compare_report.py "$RUNS" "$OUT" ${FLOOR:+--floor "$FLOOR"} >>"$OUT/results.md"
