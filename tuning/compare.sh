@@ -183,10 +183,10 @@ RUN_COUNT=$(( ${#TODO[@]} * ${#SERVERS[@]} * REPS ))
 TIMEOUT=$(awk -v s="$SECS" 'BEGIN {printf "%d", s * 3 + 30}')
 echo "compare: ${#TODO[@]} cells x ${#SERVERS[@]} servers x $REPS reps of $SECS s = $RUN_COUNT runs," \
     "about $(awk -v n="$RUN_COUNT" -v s="$SECS" 'BEGIN {printf "%d", n * (s + 0.3) / 60 + 1}') min; results in $OUT" >&2
-# This project's VM disk reads data written long ago (hours) at a few thousand IOPS and
-# freshly written data at 50-80 k (a host-side cache, it seems): the run's image is written
-# at its start, and checked before the disk cells. Disk cells measured on a slow disk
-# compare the disk's stalls, not the servers: say so in the results.
+# This project's VM disk stalls at times, for minutes, on some images more than on others
+# (QD32 at a few thousand IOPS instead of 50-80 k; see tuning/README.md). The run writes a
+# new image at its start and checks the disk before the disk cells: disk cells measured on
+# a stalling disk compare the stalls, not the servers, and the results say so.
 DISK_CHECK=""
 disk_check() {
     local line iops
