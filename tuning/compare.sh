@@ -18,7 +18,9 @@
 # ratios; every QSD configuration; the goals) and DIR/compare.png (IOPS and p99 per cell).
 # DIR/floor.txt (vubd-floor, measured in the run; else tuning/results/floor.txt) holds the
 # cross-core floors shown next to the null QD1 polling p50: a cache line's round trip (first
-# number in the file) and the ring floor (ring_p50_us=, ring_nodata_p50_us=).
+# number on a line) and the ring floor (ring_p50_us=, ring_nodata_p50_us=). They move with
+# the VM's vCPU placement, so they are measured right before each rep of the null QD1
+# polling cells (one line each; the report takes medians), else once at the end.
 #
 # Usage: tuning/compare.sh [--seconds S] [--reps R] [--out DIR] [--quick] [--cells FILTER]
 #   --cells: comma-separated globs over cell names BACKEND/RW/qdN/qN/CLIENT, e.g.
@@ -26,8 +28,8 @@
 #   --quick: randread, 1 queue, every backend, 1 s x 1 rep unless given (a 1-minute smoke run)
 # Full run with the defaults (48 cells x 4 servers x 3 reps x 3 s = 576 runs): 30-35 minutes
 # (a run costs its --seconds plus 0.1-0.3 s of server start and stop).
-# VUBD_NO_BUILD=1 skips the cargo build (see lib.sh). DISK_HEALTHY_IOPS (30000): below it
-# the disk check before the disk cells marks them as measured on a slow disk.
+# VUBD_NO_BUILD=1 skips the cargo build (see lib.sh). DISK_HEALTHY_IOPS (30000): a disk
+# cell whose check reads slower is marked as measured on a slow disk.
 set -euo pipefail
 SECS=""
 REPS=""
@@ -183,31 +185,43 @@ RUN_COUNT=$(( ${#TODO[@]} * ${#SERVERS[@]} * REPS ))
 TIMEOUT=$(awk -v s="$SECS" 'BEGIN {printf "%d", s * 3 + 30}')
 echo "compare: ${#TODO[@]} cells x ${#SERVERS[@]} servers x $REPS reps of $SECS s = $RUN_COUNT runs," \
     "about $(awk -v n="$RUN_COUNT" -v s="$SECS" 'BEGIN {printf "%d", n * (s + 0.3) / 60 + 1}') min; results in $OUT" >&2
-# This project's VM disk stalls at times, for minutes, on some images more than on others
-# (QD32 at a few thousand IOPS instead of 50-80 k; see tuning/README.md). The run writes a
-# new image at its start and checks the disk before the disk cells: disk cells measured on
-# a stalling disk compare the stalls, not the servers, and the results say so.
-DISK_CHECK=""
-disk_check() {
+# This project's VM disk reads data written in the last minutes at 50-80 k IOPS (QD32) and
+# data written earlier at 1-10 k, with p99 in the tens of milliseconds: a host-side cache,
+# it seems (see tuning/README.md). So before each disk cell the image is written again
+# (about a second) and the disk checked; every server of the cell then reads a cached
+# image alike. A cell whose check is slow compares the disk's stalls, not the servers: the
+# results say so.
+DISK_CHECKS=()
+disk_check() { # cell
     local line iops
+    dd if=/dev/zero of="$WORK/disk.img" bs=1M count=1024 oflag=direct conv=notrunc status=none
     start_server vubd disk 1 || { stop_server; return 0; }
     line=$(timeout 20 taskset -c "$CLI_CPU" "$BIN/vubd-bench" --socket "$WORK/vubd.sock" \
         --iodepth 32 --seconds 1 --poll --json 2>>"$OUT/bench.log") || line=""
     stop_server
     iops=$("$PY" -c 'import json,sys; print(round(json.loads(sys.argv[1])["iops"]))' "$line" 2>/dev/null) || iops=0
-    DISK_CHECK="Disk check before the disk cells: $iops IOPS (vubd, 4 KiB randread, QD32, polling client, 1 s)"
     if [ "$iops" -lt "$DISK_HEALTHY_IOPS" ]; then
-        DISK_CHECK+="; below $DISK_HEALTHY_IOPS: the disk was slow, so the disk cells measure its stalls, not the servers."
-        echo "compare: WARNING: $DISK_CHECK" >&2
+        DISK_CHECKS+=("$1: $iops (slow)")
+        echo "compare: WARNING: the disk check before $1 gave $iops IOPS (below $DISK_HEALTHY_IOPS): this cell measures the disk's stalls" >&2
     else
-        DISK_CHECK+="."
+        DISK_CHECKS+=("$1: $iops")
+    fi
+}
+floor_bin=$BIN/vubd-floor
+[ -x "$floor_bin" ] || floor_bin=target/release/vubd-floor
+FLOORS=$OUT/floor.txt
+: >"$FLOORS"
+floor() { # seconds: one line of floors, measured now on the run's two CPUs
+    if [ -x "$floor_bin" ]; then
+        "$floor_bin" --cpus "$CLI_CPU,$SRV_CPU" --seconds "$1" >>"$FLOORS" 2>>"$OUT/vubd.log" || true
     fi
 }
 DISK_HEALTHY_IOPS=${DISK_HEALTHY_IOPS:-30000}
 STARTED=$(date +%s)
 for cell in "${TODO[@]}"; do
-    case $cell in disk/*) [ -n "$DISK_CHECK" ] || disk_check ;; esac
+    case $cell in disk/*) disk_check "$cell" ;; esac
     for rep in $(seq "$REPS"); do
+        case $cell in null/*/qd1/*/poll) floor 1 ;; esac
         for server in "${SERVERS[@]}"; do
             run_one "$server" "$cell" "$rep"
         done
@@ -215,15 +229,11 @@ for cell in "${TODO[@]}"; do
     echo "  $cell done ($(( $(date +%s) - STARTED )) s)" >&2
 done
 
-# The cross-core floor on the same two CPUs, measured now (the VM's vCPU placement moves it).
-if [ -x "$BIN/vubd-floor" ] || [ -x target/release/vubd-floor ]; then
-    floor_bin=$BIN/vubd-floor
-    [ -x "$floor_bin" ] || floor_bin=target/release/vubd-floor
-    "$floor_bin" --cpus "$CLI_CPU,$SRV_CPU" --seconds 3 >"$OUT/floor.txt" 2>>"$OUT/vubd.log" || rm -f "$OUT/floor.txt"
-fi
+# No null QD1 polling cell: the floors once, now.
+[ -s "$FLOORS" ] || floor 3
 FLOOR=""
-for f in "$OUT/floor.txt" tuning/results/floor.txt; do
-    [ -f "$f" ] && { FLOOR=$f; break; }
+for f in "$FLOORS" tuning/results/floor.txt; do
+    [ -s "$f" ] && { FLOOR=$f; break; }
 done
 {
     echo "Command: \`tuning/compare.sh $ARGS\` ($RUN_COUNT runs, $FAILED failed, $(( ($(date +%s) - STARTED + 30) / 60 )) min)"
@@ -231,7 +241,11 @@ done
     echo "Host: $(nproc) CPUs, kernel $(uname -r); server CPU $SRV_CPU, client CPU $CLI_CPU; date $(date -u +%F)"
     echo "Every run starts its server fresh; runs alternate vubd, qsd-main, qsd-iothread,"
     echo "qsd-iothread-nopoll within a cell; medians of $REPS runs of $SECS s; 4 KiB requests."
-    [ -z "$DISK_CHECK" ] || echo "$DISK_CHECK"
+    if [ ${#DISK_CHECKS[@]} -gt 0 ]; then
+        echo "Before each disk cell the image was rewritten and read for 1 s (vubd, QD32, polling"
+        checks=$(IFS=';'; echo "${DISK_CHECKS[*]}")
+        echo "client; IOPS): ${checks//;/; }."
+    fi
     echo
 } >"$OUT/results.md"
 "$PY" tuning/compare_report.py "$RUNS" "$OUT" ${FLOOR:+--floor "$FLOOR"} >>"$OUT/results.md"

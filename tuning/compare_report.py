@@ -194,17 +194,23 @@ if missing:
 
 floor, ring, floor_text = None, {}, None
 if args.floor:
-    text = open(args.floor).read()
-    m = re.search(r"[0-9]+(?:\.[0-9]+)?", text)
-    floor = float(m.group()) if m else None
+    # One line per measurement (compare.sh takes one before each rep of the null QD1 polling
+    # cells): medians. The line's p50 is its first number.
+    lines = [l.strip() for l in open(args.floor) if l.strip()]
+
+    def field(pattern):
+        vals = [float(m.group(1)) for m in (re.search(pattern, l) for l in lines) if m]
+        return statistics.median(vals) if vals else None
+
+    floor = field(r"^([0-9]+(?:\.[0-9]+)?)")
     # A null read fills the buffer (the ring floor with data); a null write leaves it.
-    ring = {rw: float(m.group(1)) if m else None
-            for rw, m in (("randread", re.search(r"ring_p50_us=([0-9.]+)", text)),
-                          ("randwrite", re.search(r"ring_nodata_p50_us=([0-9.]+)", text)))}
-    floor_text = next((l.strip() for l in text.splitlines() if l.strip()), "")
+    ring = {"randread": field(r"ring_p50_us=([0-9.]+)"),
+            "randwrite": field(r"ring_nodata_p50_us=([0-9.]+)")}
+    floor_text = (lines[0] if len(lines) == 1 else
+                  f"medians of {len(lines)} measurements, one before each rep of the cells below")
 print("\n### Null QD1, polling client: p50 against the cross-core floors\n")
 if floor is not None:
-    print(f"Floors (`{args.floor}`: {floor_text}): a cache line's round trip between the two CPUs, "
+    print(f"Floors (`{args.floor}`, {floor_text}): a cache line's round trip between the two CPUs, "
           f"{floor:g} µs; the ring floor, a QD1 4 KiB read served by an ideal device on the split "
           f"ring's layout (every line a driver and a device exchange, no other work), "
           f"{fmt(ring.get('randread'), 'g') if ring.get('randread') else '–'} µs for a read, which fills "
