@@ -20,7 +20,8 @@
 # cross-core floors shown next to the null QD1 polling p50: a cache line's round trip (first
 # number on a line) and the ring floor (ring_p50_us=, ring_nodata_p50_us=). They move with
 # the VM's vCPU placement, so they are measured right before each rep of the null QD1
-# polling cells (one line each; the report takes medians), else once at the end.
+# polling cells (one line each, tagged cell= rep=; the report divides each rep's vubd p50
+# by the floors measured just before it and gives medians), else once at the end.
 #
 # Usage: tuning/compare.sh [--seconds S] [--reps R] [--out DIR] [--quick] [--cells FILTER]
 #   --cells: comma-separated globs over cell names BACKEND/RW/qdN/qN/CLIENT, e.g.
@@ -211,17 +212,19 @@ floor_bin=$BIN/vubd-floor
 [ -x "$floor_bin" ] || floor_bin=target/release/vubd-floor
 FLOORS=$OUT/floor.txt
 : >"$FLOORS"
-floor() { # seconds: one line of floors, measured now on the run's two CPUs
-    if [ -x "$floor_bin" ]; then
-        "$floor_bin" --cpus "$CLI_CPU,$SRV_CPU" --seconds "$1" >>"$FLOORS" 2>>"$OUT/vubd.log" || true
-    fi
+floor() { # seconds [cell rep]: one line of floors, measured now on the run's two CPUs,
+    # tagged with the cell and rep whose vubd run comes next
+    local line
+    [ -x "$floor_bin" ] || return 0
+    line=$("$floor_bin" --cpus "$CLI_CPU,$SRV_CPU" --seconds "$1" 2>>"$OUT/vubd.log") || return 0
+    echo "$line${2:+ cell=$2 rep=$3}" >>"$FLOORS"
 }
 DISK_HEALTHY_IOPS=${DISK_HEALTHY_IOPS:-30000}
 STARTED=$(date +%s)
 for cell in "${TODO[@]}"; do
     case $cell in disk/*) disk_check "$cell" ;; esac
     for rep in $(seq "$REPS"); do
-        case $cell in null/*/qd1/*/poll) floor 1 ;; esac
+        case $cell in null/*/qd1/*/poll) floor 1 "$cell" "$rep" ;; esac
         for server in "${SERVERS[@]}"; do
             run_one "$server" "$cell" "$rep"
         done

@@ -34,7 +34,8 @@ GOAL_QUEUES = "q1"
 ap = argparse.ArgumentParser()
 ap.add_argument("runs")
 ap.add_argument("out")
-ap.add_argument("--floor", help="file whose first number is a cross-core floor in µs")
+ap.add_argument("--floor", help="vubd-floor's output, one line per measurement (first number: "
+                "the line floor in µs; ring_p50_us=, ring_nodata_p50_us=; cell= rep= when tagged)")
 args = ap.parse_args()
 
 runs = [json.loads(l) for l in open(args.runs) if l.strip()]
@@ -192,31 +193,47 @@ missing = [f"{c} ({', '.join(misses(c))})" for c in file_cells if misses(c)]
 if missing:
     print("\nFile cells missing a goal: " + "; ".join(missing) + ".")
 
-floor, ring, floor_text = None, {}, None
+# Floors: one line per measurement; compare.sh takes one right before each rep of the null
+# QD1 polling cells and tags it cell= rep=. The line's p50 is the first number; a null read
+# fills the buffer (the ring floor with data), a null write leaves it (the ring alone).
+floors = []
 if args.floor:
-    # One line per measurement (compare.sh takes one before each rep of the null QD1 polling
-    # cells): medians. The line's p50 is its first number.
-    lines = [l.strip() for l in open(args.floor) if l.strip()]
+    for l in open(args.floor):
+        m = re.match(r"\s*([0-9]+(?:\.[0-9]+)?)", l)
+        if not m:
+            continue
+        f = dict(re.findall(r"(\w+)=(\S+)", l))
+        floors.append({"line": float(m.group(1)),
+                       "randread": float(f["ring_p50_us"]) if "ring_p50_us" in f else None,
+                       "randwrite": float(f["ring_nodata_p50_us"]) if "ring_nodata_p50_us" in f else None,
+                       "cell": f.get("cell"), "rep": int(f["rep"]) if "rep" in f else None})
 
-    def field(pattern):
-        vals = [float(m.group(1)) for m in (re.search(pattern, l) for l in lines) if m]
-        return statistics.median(vals) if vals else None
 
-    floor = field(r"^([0-9]+(?:\.[0-9]+)?)")
-    # A null read fills the buffer (the ring floor with data); a null write leaves it.
-    ring = {"randread": field(r"ring_p50_us=([0-9.]+)"),
-            "randwrite": field(r"ring_nodata_p50_us=([0-9.]+)")}
-    floor_text = (lines[0] if len(lines) == 1 else
-                  f"medians of {len(lines)} measurements, one before each rep of the cells below")
+def floor_of(cell, kind):
+    """Median floor over the measurements taken for `cell` (else all), and the median over
+    reps of vubd's p50 divided by the floor measured just before that rep (else by the
+    median floor)."""
+    own = [f for f in floors if f["cell"] == cell and f[kind] is not None]
+    mine = own or [f for f in floors if f[kind] is not None]
+    if not mine:
+        return None, None
+    fl = statistics.median(f[kind] for f in mine)
+    by_rep = {f["rep"]: f[kind] for f in own}
+    ratios = [r["lat_p50_us"] / by_rep[r["rep"]] for r in groups.get((cell, "vubd"), [])
+              if r.get("rep") in by_rep and r.get("lat_p50_us") is not None]
+    return fl, statistics.median(ratios) if ratios else ratio(V[cell]["lat_p50_us"], fl)
+
+
 print("\n### Null QD1, polling client: p50 against the cross-core floors\n")
-if floor is not None:
-    print(f"Floors (`{args.floor}`, {floor_text}): a cache line's round trip between the two CPUs, "
-          f"{floor:g} µs; the ring floor, a QD1 4 KiB read served by an ideal device on the split "
-          f"ring's layout (every line a driver and a device exchange, no other work), "
-          f"{fmt(ring.get('randread'), 'g') if ring.get('randread') else '–'} µs for a read, which fills "
-          f"the buffer, {fmt(ring.get('randwrite'), 'g') if ring.get('randwrite') else '–'} µs for a write "
-          f"to a null device, which leaves it. The client's own work (libblkio) is in vubd's p50 and "
-          f"in neither floor.\n")
+if floors:
+    tagged = any(f["cell"] for f in floors)
+    print(f"Floors (`{args.floor}`, {len(floors)} measurement(s)"
+          f"{', each right before a rep of the cell; ratios are medians of each rep against its own floor' if tagged else ''}): "
+          "the line floor is a cache line's round trip between the two CPUs, which no server can beat; the "
+          "ring floor is a QD1 4 KiB request served by an ideal device on the split ring's layout (every line "
+          "a driver and a device exchange, and for a read the buffer filled; a null write leaves it), which "
+          "is as close as the ring layout allows. The client's own work (libblkio) is in vubd's p50 and in "
+          "neither floor.\n")
 else:
     print("No floor given (tuning/results/floor.txt: first number = cross-core round trip in µs).\n")
 print(row(["cell", "vubd p50 µs", "best QSD p50 µs", "vubd / QSD", "line floor µs", "vubd / line floor",
@@ -224,10 +241,10 @@ print(row(["cell", "vubd p50 µs", "best QSD p50 µs", "vubd / QSD", "line floor
 print(row(["---"] * 8))
 for c in cells:
     if c.startswith("null/") and "/qd1/" in c and c.endswith("/poll"):
+        line_fl, line_r = floor_of(c, "line")
+        ring_fl, ring_r = floor_of(c, c.split("/")[1])
         print(row([c, lat(V[c]["lat_p50_us"]), f"{lat(B[c]['lat_p50_us'])} ({BEST[c]})", rx(R[c]["lat_p50_us"]),
-                   fmt(floor, "g") if floor is not None else "–", rx(ratio(V[c]["lat_p50_us"], floor)),
-                   fmt(ring.get(c.split("/")[1]), "g") if ring.get(c.split("/")[1]) else "–",
-                   rx(ratio(V[c]["lat_p50_us"], ring.get(c.split("/")[1])))]))
+                   fmt(line_fl, ".3f"), rx(line_r), fmt(ring_fl, ".3f"), rx(ring_r)]))
 
 # ---- every QSD configuration ----
 print("\n## Every QSD configuration\n")

@@ -56,22 +56,32 @@ fn main() {
     if !pin(cpus.0) {
         eprintln!("vubd-floor: cannot pin to cpu {}", cpus.0);
     }
-    let line = quantiles(line(seconds, cpus.1));
-    let ring = ring::measure(seconds, BATCH, cpus.1, true, pin);
-    let bare = ring::measure(seconds, BATCH, cpus.1, false, pin);
-    let (ring, bare) = match (ring, bare) {
-        (Ok(r), Ok(b)) => (quantiles(r), quantiles(b)),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("vubd-floor: the ring floor's device failed: {e}");
-            std::process::exit(1);
+    // This VM's vCPU placement flips between a fast and a slow mode every few seconds: the
+    // three floors are measured in turns of ROUND, so that each sees the same mix.
+    let (mut line_s, mut ring_s, mut bare_s) = (Vec::new(), Vec::new(), Vec::new());
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    while Instant::now() < end {
+        line_s.extend(line(ROUND, cpus.1));
+        for (data, out) in [(true, &mut ring_s), (false, &mut bare_s)] {
+            match ring::measure(ROUND, BATCH, cpus.1, data, pin) {
+                Ok(s) => out.extend(s),
+                Err(e) => {
+                    eprintln!("vubd-floor: the ring floor's device failed: {e}");
+                    std::process::exit(1);
+                }
+            }
         }
-    };
+    }
+    let (line, ring, bare) = (quantiles(line_s), quantiles(ring_s), quantiles(bare_s));
     println!(
         "{:.3} floor_p50_us={:.3} floor_p99_us={:.3} ring_p50_us={:.3} ring_p99_us={:.3} \
          ring_nodata_p50_us={:.3} round_trips={} cpus={},{}",
         line.0, line.0, line.1, ring.0, ring.1, bare.0, line.2, cpus.0, cpus.1
     );
 }
+
+/// One turn of each floor, in seconds.
+const ROUND: f64 = 0.02;
 
 /// Round trips are timed in batches: the clock costs more than one bounce.
 const BATCH: u64 = 256;
