@@ -143,6 +143,12 @@ fn dial(target: &Target, timeout: Duration) -> io::Result<Stream> {
             let mut last = None;
             for addr in (host.as_str(), *port).to_socket_addrs()? {
                 match TcpStream::connect_timeout(&addr, timeout) {
+                    Ok(s) if connected_to_itself(&s, &addr) => {
+                        last = Some(io::Error::new(
+                            io::ErrorKind::ConnectionRefused,
+                            format!("nothing listens on {addr} (the connection met itself)"),
+                        ));
+                    }
                     Ok(s) => {
                         // Requests are small and latency-bound: never wait to coalesce.
                         s.set_nodelay(true)?;
@@ -156,6 +162,17 @@ fn dial(target: &Target, timeout: Duration) -> io::Result<Stream> {
             }))
         }
     }
+}
+
+/// Whether `s` is connected to itself. A server on this host whose port is in the ephemeral
+/// range and that is down (restarting) leaves that port free; Linux may then pick it as
+/// the source port of a connect to it, and TCP's simultaneous open joins the socket to
+/// itself. Such a "server" never sends its greeting: the handshake would wait out its
+/// whole timeout instead of failing at once and retrying (Go's net package checks the same).
+/// `peer` is the address connected to: asking the socket (getpeername) is not in the
+/// seccomp filter, and need not be.
+fn connected_to_itself(s: &TcpStream, peer: &std::net::SocketAddr) -> bool {
+    matches!(s.local_addr(), Ok(l) if l == *peer)
 }
 
 /// What the client asks for at the end of option haggling.
@@ -393,7 +410,55 @@ fn finish(
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use std::os::unix::io::FromRawFd;
     use std::os::unix::net::UnixListener;
+
+    /// A TCP socket bound to a free loopback port and connected to that same port: what a
+    /// connect to a down server's ephemeral port becomes when Linux picks that port as its
+    /// source (here forced by binding it).
+    fn self_connected() -> TcpStream {
+        let sin = |port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: plain socket calls on a socket this function owns, with a sockaddr_in
+        // that lives across each call and the matching length.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+            let a = sin(0);
+            assert_eq!(
+                libc::bind(fd, (&a as *const libc::sockaddr_in).cast(), len),
+                0
+            );
+            let mut bound = sin(0);
+            let mut blen = len;
+            assert_eq!(
+                libc::getsockname(fd, (&mut bound as *mut libc::sockaddr_in).cast(), &mut blen),
+                0
+            );
+            let rc = libc::connect(fd, (&bound as *const libc::sockaddr_in).cast(), len);
+            assert_eq!(rc, 0, "self-connect: {}", io::Error::last_os_error());
+            TcpStream::from_raw_fd(fd)
+        }
+    }
+
+    #[test]
+    fn a_connection_that_met_itself_is_told_from_a_server() {
+        let s = self_connected();
+        let me = s.local_addr().unwrap();
+        assert!(connected_to_itself(&s, &me), "{me:?}");
+        // A real server: not itself.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = l.local_addr().unwrap();
+        let c = TcpStream::connect(server).unwrap();
+        assert!(!connected_to_itself(&c, &server));
+    }
 
     /// Plays the server side of a handshake on `s`: fixed newstyle, structured replies if
     /// `structured`, GO answered with `size`/`flags` and a 1 MiB maximum block size.
