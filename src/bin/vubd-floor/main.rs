@@ -63,7 +63,7 @@ fn main() {
     while Instant::now() < end {
         line_s.extend(line(ROUND, cpus.1));
         for (data, out) in [(true, &mut ring_s), (false, &mut bare_s)] {
-            match ring::measure(ROUND, BATCH, cpus.1, data, pin) {
+            match ring::measure(ROUND, cpus.1, data) {
                 Ok(s) => out.extend(s),
                 Err(e) => {
                     eprintln!("vubd-floor: the ring floor's device failed: {e}");
@@ -93,6 +93,31 @@ fn quantiles(mut samples: Vec<f64>) -> (f64, f64, u64) {
     (q(0.5), q(0.99), samples.len() as u64 * BATCH)
 }
 
+/// Runs `f` on a thread pinned to `cpu` (the other side of a round trip).
+fn spawn_on(cpu: usize, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        if !pin(cpu) {
+            eprintln!("vubd-floor: cannot pin to cpu {cpu}");
+        }
+        f()
+    })
+}
+
+/// Runs `round_trip` over and over for `seconds`: µs per round trip, one sample per batch
+/// of BATCH.
+fn timed(seconds: f64, mut round_trip: impl FnMut()) -> Vec<f64> {
+    let mut samples = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    while Instant::now() < end {
+        let t0 = Instant::now();
+        for _ in 0..BATCH {
+            round_trip();
+        }
+        samples.push(t0.elapsed().as_nanos() as f64 / BATCH as f64 / 1000.0);
+    }
+    samples
+}
+
 /// One cache line bounced between this thread and one on `echo_cpu`: round-trip times in
 /// µs, one sample per batch.
 fn line(seconds: f64, echo_cpu: usize) -> Vec<f64> {
@@ -101,10 +126,7 @@ fn line(seconds: f64, echo_cpu: usize) -> Vec<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let echo = {
         let (ping, pong, stop) = (ping.clone(), pong.clone(), stop.clone());
-        std::thread::spawn(move || {
-            if !pin(echo_cpu) {
-                eprintln!("vubd-floor: cannot pin to cpu {echo_cpu}");
-            }
+        spawn_on(echo_cpu, move || {
             let mut seen = 0;
             while !stop.load(Ordering::Relaxed) {
                 let v = ping.0.load(Ordering::Acquire);
@@ -116,20 +138,14 @@ fn line(seconds: f64, echo_cpu: usize) -> Vec<f64> {
             }
         })
     };
-    let mut samples = Vec::new();
-    let end = Instant::now() + Duration::from_secs_f64(seconds);
     let mut seq = 0u64;
-    while Instant::now() < end {
-        let t0 = Instant::now();
-        for _ in 0..BATCH {
-            seq += 1;
-            ping.0.store(seq, Ordering::Release);
-            while pong.0.load(Ordering::Acquire) != seq {
-                std::hint::spin_loop();
-            }
+    let samples = timed(seconds, || {
+        seq += 1;
+        ping.0.store(seq, Ordering::Release);
+        while pong.0.load(Ordering::Acquire) != seq {
+            std::hint::spin_loop();
         }
-        samples.push(t0.elapsed().as_nanos() as f64 / BATCH as f64 / 1000.0);
-    }
+    });
     stop.store(true, Ordering::Relaxed);
     let _ = echo.join();
     samples

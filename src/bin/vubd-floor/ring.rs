@@ -111,16 +111,10 @@ fn descriptor(ring: &Layout, i: usize, addr: u64, len: u32, flags: u64, next: u1
     ring.desc.0[i][1].store(word, Ordering::Relaxed);
 }
 
-/// Round-trip times in µs, one sample per batch of `batch` requests, for `seconds`;
-/// the driver runs on this thread, the device on `device_cpu`. Fails if a request came
-/// back with the wrong head, length or status, or a read left its buffer unfilled.
-pub fn measure(
-    seconds: f64,
-    batch: u64,
-    device_cpu: usize,
-    data: bool,
-    pin: fn(usize) -> bool,
-) -> Result<Vec<f64>, String> {
+/// Round-trip times in µs, one sample per batch (`super::timed`), for `seconds`; the
+/// driver runs on this thread, the device on `device_cpu`. Fails if a request came back
+/// with the wrong head, length or status, or a read left its buffer unfilled.
+pub fn measure(seconds: f64, device_cpu: usize, data: bool) -> Result<Vec<f64>, String> {
     let ring: Arc<Layout> = Arc::new(Layout {
         desc: Page(std::array::from_fn(|_| {
             [AtomicU64::new(0), AtomicU64::new(0)]
@@ -138,48 +132,37 @@ pub fn measure(
     let stop = Arc::new(AtomicBool::new(false));
     let dev = {
         let (ring, stop) = (Arc::clone(&ring), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            if !pin(device_cpu) {
-                eprintln!("vubd-floor: cannot pin to cpu {device_cpu}");
-            }
-            device(&ring, &stop, data);
-        })
+        super::spawn_on(device_cpu, move || device(&ring, &stop, data))
     };
-    let mut samples = Vec::new();
-    let end = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds);
     let mut idx = 0u16;
     let mut sector = 0u64;
     let mut wrong = 0u64;
-    while std::time::Instant::now() < end {
-        let t0 = std::time::Instant::now();
-        for _ in 0..batch {
-            // A read of 8 sectors (VIRTIO_BLK_T_IN is 0), as a driver prepares it.
-            ring.header.0[0].store(0, Ordering::Relaxed);
-            ring.header.0[1].store(sector, Ordering::Relaxed);
-            sector = (sector + 8) % (1 << 21);
-            descriptor(&ring, 0, offset_of_header(), 16, NEXT, 1);
-            descriptor(&ring, 1, offset_of_data(), DATA as u32, NEXT | WRITE, 2);
-            descriptor(&ring, 2, offset_of_status(), 1, WRITE, 0);
-            ring.avail.0[2 + usize::from(idx) % SIZE].store(0, Ordering::Relaxed);
-            idx = idx.wrapping_add(1);
-            ring.avail.0[1].store(idx, Ordering::Release);
-            while ring.used.0.idx.load(Ordering::Acquire) != idx {
-                std::hint::spin_loop();
-            }
-            // Head 0, the buffer and the status byte written, status OK.
-            let entry = &ring.used.0.ring[usize::from(idx.wrapping_sub(1)) % SIZE];
-            let done = (
-                entry[0].load(Ordering::Relaxed),
-                entry[1].load(Ordering::Relaxed),
-                ring.status.load(Ordering::Relaxed),
-            );
-            // The next request must find it written again (a plain store: the driver
-            // owns the line, which holds the header it writes next anyway).
-            ring.status.store(0xff, Ordering::Relaxed);
-            wrong += u64::from(done != (0, DATA as u32 + 1, 0));
+    let samples = super::timed(seconds, || {
+        // A read of 8 sectors (VIRTIO_BLK_T_IN is 0), as a driver prepares it.
+        ring.header.0[0].store(0, Ordering::Relaxed);
+        ring.header.0[1].store(sector, Ordering::Relaxed);
+        sector = (sector + 8) % (1 << 21);
+        descriptor(&ring, 0, offset_of_header(), 16, NEXT, 1);
+        descriptor(&ring, 1, offset_of_data(), DATA as u32, NEXT | WRITE, 2);
+        descriptor(&ring, 2, offset_of_status(), 1, WRITE, 0);
+        ring.avail.0[2 + usize::from(idx) % SIZE].store(0, Ordering::Relaxed);
+        idx = idx.wrapping_add(1);
+        ring.avail.0[1].store(idx, Ordering::Release);
+        while ring.used.0.idx.load(Ordering::Acquire) != idx {
+            std::hint::spin_loop();
         }
-        samples.push(t0.elapsed().as_nanos() as f64 / batch as f64 / 1000.0);
-    }
+        // Head 0, the buffer and the status byte written, status OK.
+        let entry = &ring.used.0.ring[usize::from(idx.wrapping_sub(1)) % SIZE];
+        let done = (
+            entry[0].load(Ordering::Relaxed),
+            entry[1].load(Ordering::Relaxed),
+            ring.status.load(Ordering::Relaxed),
+        );
+        // The next request must find it written again (a plain store: the driver owns
+        // the line, which holds the header it writes next anyway).
+        ring.status.store(0xff, Ordering::Relaxed);
+        wrong += u64::from(done != (0, DATA as u32 + 1, 0));
+    });
     fence(Ordering::SeqCst);
     stop.store(true, Ordering::Relaxed);
     let _ = dev.join();
