@@ -35,7 +35,6 @@ PIDS=()
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK" "$SHM"; }
 trap cleanup EXIT
 dd if=/dev/zero of="$SHM/disk.img" bs=1M count=1024 status=none
-dd if=/dev/zero of="$WORK/disk.img" bs=1M count=1024 status=none
 
 start() { # which backend -> sets PID, SOCK
     local bin=$1 backend=$2 args
@@ -58,10 +57,8 @@ for cell in "${cells[@]}"; do
     read -r backend qd mode <<<"$cell"
     poll=()
     [ "$mode" = poll ] && poll=(--poll)
-    # This VM's disk reads data written in the last minutes from a host-side cache, older
-    # data much slower (see compare.sh): each disk cell reads a freshly written image.
     if [ "$backend" = disk ]; then
-        dd if=/dev/zero of="$WORK/disk.img" bs=1M count=1024 oflag=direct conv=notrunc status=none
+        fresh_disk_image "$WORK/disk.img"
     fi
     for rep in $(seq "$REPS"); do
         for side in a b; do

@@ -108,11 +108,11 @@ for backend in "${BACKENDS[@]}"; do
 done
 [ ${#TODO[@]} -gt 0 ] || { echo "no cell matches --cells '$CELLS'" >&2; exit 2; }
 
-# Backing files, made once: only the backends some selected cell uses.
+# The tmpfs backing file, made once if a selected cell uses it (the disk image is written
+# before each disk cell, by disk_check).
 for cell in "${TODO[@]}"; do
     case $cell in
         tmpfs/*) [ -f "$SHM/disk.img" ] || dd if=/dev/zero of="$SHM/disk.img" bs=1M count=1024 status=none ;;
-        disk/*) [ -f "$WORK/disk.img" ] || dd if=/dev/zero of="$WORK/disk.img" bs=1M count=1024 oflag=direct status=none ;;
     esac
 done
 
@@ -195,7 +195,7 @@ echo "compare: ${#TODO[@]} cells x ${#SERVERS[@]} servers x $REPS reps of $SECS 
 DISK_CHECKS=()
 disk_check() { # cell
     local line iops
-    dd if=/dev/zero of="$WORK/disk.img" bs=1M count=1024 oflag=direct conv=notrunc status=none
+    fresh_disk_image "$WORK/disk.img"
     start_server vubd disk 1 || { stop_server; return 0; }
     line=$(timeout 20 taskset -c "$CLI_CPU" "$BIN/vubd-bench" --socket "$WORK/vubd.sock" \
         --iodepth 32 --seconds 1 --poll --json 2>>"$OUT/bench.log") || line=""

@@ -57,3 +57,8 @@ rss_fds() { echo "$(awk '/^VmRSS/ {print $2}' "/proc/$1/status") $(find "/proc/$
 
 # CPU time of process $1 (all threads) in clock ticks.
 cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
+# Writes the 1 GiB O_DIRECT disk image at $1 (again): this VM's disk reads data written in
+# the last minutes from a fast tier and older data from a slow one (tuning/README.md), so
+# each disk cell of compare.sh and ab.sh reads an image written right before it (~1 s).
+fresh_disk_image() { dd if=/dev/zero of="$1" bs=1M count=1024 oflag=direct conv=notrunc status=none; }
